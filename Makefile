@@ -1,0 +1,11 @@
+# The two commands of the README. Both set everything up on first use.
+.PHONY: serve test setup
+
+setup:
+	@bash scripts/setup-venv.sh
+
+serve: setup
+	.venv/bin/unipool-serve $(ARGS)
+
+test: setup
+	bash scripts/run-tests.sh $(ARGS)
