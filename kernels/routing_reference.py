@@ -40,6 +40,19 @@ def steer_logits(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tenso
     return logits + sigma * bias
 
 
+def router_scores(
+    z: torch.Tensor, router_type: str, *, norm_scale: float | torch.Tensor = 1.0, norm_c: float = 1.0
+) -> torch.Tensor:
+    """Scores [T, E] from (steered, masked) logits z [T, E]; differentiable (training uses it)."""
+    if router_type == "norm":
+        return norm_scale * norm_c * torch.relu(z / (z.norm(dim=-1, keepdim=True) + NORM_EPS))
+    if router_type == "softmax":
+        return torch.softmax(z, dim=-1)
+    if router_type == "sigmoid":
+        return torch.sigmoid(z)
+    raise ValueError(f"unknown router_type {router_type!r}; expected norm, softmax or sigmoid")
+
+
 def route(
     logits: torch.Tensor,
     top_k: int,
@@ -65,20 +78,11 @@ def route(
         ceiling = z.masked_fill(exclude, float("-inf")).amax(dim=-1, keepdim=True)
         z = torch.where(include, ceiling, z)
 
-    if router_type == "norm":
-        if exclude is not None:
-            z = z.masked_fill(exclude, 0.0)
-        scores = norm_scale * norm_c * torch.relu(z / (z.norm(dim=-1, keepdim=True) + NORM_EPS))
-    elif router_type == "softmax":
-        if exclude is not None:
-            z = z.masked_fill(exclude, float("-inf"))
-        scores = torch.softmax(z, dim=-1)
-    elif router_type == "sigmoid":
-        scores = torch.sigmoid(z)
-        if exclude is not None:
-            scores = scores.masked_fill(exclude, 0.0)
-    else:
-        raise ValueError(f"unknown router_type {router_type!r}; expected norm, softmax or sigmoid")
+    if exclude is not None:
+        # Removing an expert from the score function: zero BEFORE the L2 norm for
+        # NormRouter (so the norm cannot overflow), -inf for softmax and sigmoid.
+        z = z.masked_fill(exclude, 0.0 if router_type == "norm" else float("-inf"))
+    scores = router_scores(z, router_type, norm_scale=norm_scale, norm_c=norm_c)
 
     key = scores
     if mask is not None:
