@@ -1,0 +1,51 @@
+"""Byte-level BPE tokenizers built locally with `tokenizers` (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+# A minimal chat format, so /v1/chat/completions works on every model we write.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+_SAMPLE_TEXT = [
+    "The quick brown fox jumps over the lazy dog while the river runs to the sea.",
+    "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(i * i)\n",
+    "Shared expert pools let every layer of a mixture-of-experts model draw on one set of experts.",
+    "import torch\nx = torch.zeros(4, 8)\nif x.sum() == 0:\n    x += 1\n",
+    "Hello world! Numbers 0 1 2 3 4 5 6 7 8 9, punctuation: ; , . ? ( ) [ ] { } = + - * /",
+]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE with <pad>=0, <s>=1, </s>=2 and wrap it for transformers/vLLM."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        chat_template=CHAT_TEMPLATE, model_max_length=1 << 20,
+    )
+
+
+def write_small_tokenizer(path: str | Path, vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A small tokenizer trained on a few built-in lines (for tests and tiny models)."""
+    tokenizer = train_tokenizer(_SAMPLE_TEXT * 4, vocab_size)
+    tokenizer.save_pretrained(str(path))
+    return tokenizer
