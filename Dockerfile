@@ -19,15 +19,18 @@ ENV PYTHONUNBUFFERED=1 \
     DO_NOT_TRACK=1
 
 WORKDIR /opt/unipool-serve
-# .dockerignore lets in only pyproject.toml, README.md and the three code folders.
+# .dockerignore lets in only pyproject.toml, README.md, the three code folders and
+# models/ (the bundled demo model).
 COPY . .
 
 # Install the plugin into the image's Python without touching its CUDA stack:
 # vllm, torch and triton are pinned to the versions the image ships, so pip either
-# keeps them or fails loudly (no `[cuda]` extra, no second vLLM).
+# keeps them or fails loudly (no `[cuda]` extra, no second vLLM). Editable, so the
+# sources stay here and the demo model is found beside them
+# (model_executor/demo_eval.py looks in ../models/unipool-demo).
 RUN python3 -m pip list --format=freeze \
         | grep -iE '^(vllm|torch|triton)==' > /tmp/image-pins.txt \
-    && python3 -m pip install --no-cache-dir --constraint /tmp/image-pins.txt . \
+    && python3 -m pip install --no-cache-dir --constraint /tmp/image-pins.txt --editable . \
     && rm -f /tmp/image-pins.txt \
     && python3 -c "import unipool_serve.server, unipool_serve.model_executor" \
     && command -v unipool-serve

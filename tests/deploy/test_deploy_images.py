@@ -89,7 +89,17 @@ def test_dockerignore_lets_in_only_the_package():
              if l.strip() and not l.startswith("#")]
     assert lines[0] == "*", "allow-list: everything is excluded first"
     allowed = {l[1:].rstrip("/") for l in lines if l.startswith("!")}
-    assert {"pyproject.toml", "model_executor", "kernels", "server"} <= allowed
+    assert {"pyproject.toml", "model_executor", "kernels", "server", "models"} <= allowed
     assert not allowed & {".venv", ".git", "tests"}
     package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     assert set(package_dirs.values()) <= allowed, "every installed code folder reaches the build context"
+
+
+@pytest.mark.parametrize("dockerfile", [GPU, CPU], ids=["gpu", "cpu"])
+def test_demo_model_stays_beside_the_sources(dockerfile):
+    """The demo model is looked up relative to the source tree, so the install is editable."""
+    lookup = ROOT / "model_executor" / "demo_eval.py"
+    if lookup.is_file():
+        assert '"models" / "unipool-demo"' in lookup.read_text(), "demo model lookup moved: revisit the images"
+    run_text = " ".join(rest for w, rest in instructions(dockerfile) if w == "RUN")
+    assert re.search(r"pip install [^&]*(--editable|-e) ", run_text)
