@@ -1,0 +1,131 @@
+"""Pool-MoE backends: (hidden, pool, topk_ids, topk_weights) -> hidden, per layer.
+
+Chosen once per model by UNIPOOL_MOE_BACKEND (see docs/vllm-plugin.md):
+  triton       CUDA default: our Triton kernel (kernels/fused_moe.py) when installed,
+               else vLLM's Triton `fused_experts`.
+  vllm-triton  CUDA: vLLM's Triton `fused_experts`.
+  cpu          CPU default: vLLM's `cpu_fused_moe` over pool weights prepacked once
+               after loading (F padded to a multiple of 32; fp32, bf16 and fp16).
+  torch        anywhere: kernels/moe_reference.pool_moe (a registered custom op, so
+               torch.compile treats its data-dependent loop as one opaque call).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from unipool_serve.kernels.moe_reference import pool_moe
+
+from .expert_pool import ExpertPool
+
+logger = logging.getLogger(__name__)
+
+BACKEND_ENV = "UNIPOOL_MOE_BACKEND"
+BACKENDS = ("triton", "vllm-triton", "cpu", "torch")
+CPU_ALIGN = 32  # cpu_fused_moe tiles hidden and expert width in blocks of 32
+
+
+@torch.library.custom_op("unipool::pool_moe", mutates_args=())
+def _pool_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                 topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    return pool_moe(hidden, w_gate_up, w_down, topk_ids, topk_weights)
+
+
+@_pool_moe_op.register_fake
+def _(hidden, w_gate_up, w_down, topk_ids, topk_weights):
+    return torch.empty_like(hidden)
+
+
+class TorchBackend:
+    name = "torch"
+    pad_to = 1
+
+    def prepare(self, pool: ExpertPool) -> None:
+        pool.packed_by = self.name
+
+    def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights) -> torch.Tensor:
+        return torch.ops.unipool.pool_moe(hidden, pool.gate_up_proj, pool.down_proj, topk_ids, topk_weights)
+
+
+class CpuBackend:
+    """vLLM's CPU grouped GEMM; `amx` only with AMX tiles and bf16, `vec` otherwise."""
+
+    name = "cpu"
+    pad_to = CPU_ALIGN
+
+    def __init__(self, dtype: torch.dtype):
+        amx = torch.cpu._is_amx_tile_supported() and dtype == torch.bfloat16
+        self.isa = "amx" if amx else "vec"
+
+    def prepare(self, pool: ExpertPool) -> None:
+        from vllm._custom_ops import cpu_prepack_moe_weight
+
+        for param in (pool.gate_up_proj, pool.down_proj):
+            # Rebinding .data drops the only reference to the unpacked copy.
+            param.data = cpu_prepack_moe_weight(param.data.contiguous(), self.isa)
+        pool.packed_by = f"{self.name}:{self.isa}"
+
+    def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights) -> torch.Tensor:
+        from vllm._custom_ops import cpu_fused_moe
+
+        hidden = hidden.contiguous()
+        out = torch.empty_like(hidden)  # [T, H]
+        cpu_fused_moe(out, hidden, pool.gate_up_proj, pool.down_proj, None, None,
+                      topk_weights, topk_ids, "silu", self.isa, False)
+        return out
+
+
+class VllmTritonBackend:
+    name = "vllm-triton"
+    pad_to = 1
+
+    def prepare(self, pool: ExpertPool) -> None:
+        pool.packed_by = self.name
+
+    def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights) -> torch.Tensor:
+        from vllm.model_executor.layers.fused_moe import fused_experts
+
+        return fused_experts(hidden, pool.gate_up_proj, pool.down_proj, topk_weights, topk_ids)
+
+
+class TritonBackend(VllmTritonBackend):
+    name = "triton"
+
+    def __init__(self):
+        from unipool_serve.kernels.fused_moe import fused_pool_moe
+
+        self._kernel = fused_pool_moe
+
+    def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights) -> torch.Tensor:
+        return self._kernel(hidden, pool.gate_up_proj, pool.down_proj, topk_ids, topk_weights)
+
+
+def select_backend(device_type: str, dtype: torch.dtype, hidden_size: int, name: str | None = None):
+    """The backend named by UNIPOOL_MOE_BACKEND (or `name`), else the platform default."""
+    name = name or os.environ.get(BACKEND_ENV, "").strip().lower() or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={name!r} is not one of {list(BACKENDS)}")
+    if name is None:
+        name = "triton" if device_type == "cuda" else "cpu" if device_type == "cpu" else "torch"
+    if name in ("triton", "vllm-triton") and device_type != "cuda":
+        raise ValueError(f"{BACKEND_ENV}={name!r} needs a CUDA device; this model runs on {device_type!r}")
+    if name == "cpu" and device_type != "cpu":
+        raise ValueError(f"{BACKEND_ENV}='cpu' needs the CPU platform; this model runs on {device_type!r}")
+    if name == "cpu":
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16) or hidden_size % CPU_ALIGN:
+            logger.warning("cpu_fused_moe needs fp32/bf16/fp16 and hidden %% %d == 0 (got %s, %d): "
+                           "using the torch backend", CPU_ALIGN, dtype, hidden_size)
+            return TorchBackend()
+        return CpuBackend(dtype)
+    if name == "triton":
+        try:
+            return TritonBackend()
+        except ImportError:
+            logger.info("kernels.fused_moe not available: falling back to vLLM's fused_experts")
+            return VllmTritonBackend()
+    if name == "vllm-triton":
+        return VllmTritonBackend()
+    return TorchBackend()

@@ -1,0 +1,268 @@
+"""vLLM model class for shared-pool MoE checkpoints (`architectures: ["UniPoolForCausalLM"]`).
+
+Shape legend: T tokens of the step, H hidden, E experts per pool, k experts per
+token, F expert width. Pools (`model.pools.{p}`) and routers (`model.routers.{r}`)
+are owned once by the model; each decoder layer keeps plain references to the
+pool and router it uses, so parameter names never repeat and every layer of a
+pool hands the same storage to the MoE kernel.
+"""
+
+# No `from __future__ import annotations`: vLLM reads forward() annotations at runtime.
+
+from collections.abc import Iterable
+from itertools import islice
+
+import torch
+from torch import nn
+
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
+from vllm.platforms import current_platform
+from vllm.sequence import IntermediateTensors
+
+from .checkpoint_loading import load_checkpoint
+from .config import UniPoolConfig
+from .expert_pool import ExpertPool
+from .moe_backend import select_backend
+from .pool_router import PoolRouter, route_tokens
+from .steering_state import SteeringState, max_profiles_from_env
+
+
+class UniPoolAttention(nn.Module):
+    """LLaMA attention: fused QKV, RoPE, paged attention, output projection (no biases)."""
+
+    def __init__(self, config: UniPoolConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads // tp_size
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp_size)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, config.num_attention_heads, config.num_key_value_heads,
+            bias=False, prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=False, prefix=f"{prefix}.o_proj"
+        )
+        self.rotary_emb = get_rope(
+            self.head_dim, max_position=config.max_position_embeddings, rope_parameters=config.rope_parameters
+        )
+        self.attn = Attention(
+            self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
+            cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class SharedExpertMLP(nn.Module):
+    """The optional always-on dense SwiGLU expert; its partial sum is reduced with the pool's."""
+
+    def __init__(self, hidden_size: int, width: int, prefix: str):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [width, width], bias=False, prefix=f"{prefix}.gate_up_proj"
+        )
+        self.down_proj = RowParallelLinear(
+            width, hidden_size, bias=False, reduce_results=False, prefix=f"{prefix}.down_proj"
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+class UniPoolMoE(nn.Module):
+    """One layer's MoE: its (tied) router's top-k over its (shared) pool, + shared expert."""
+
+    def __init__(self, config: UniPoolConfig, layer_idx: int, pool: ExpertPool, router: PoolRouter,
+                 steering: SteeringState, backend, shared_expert: SharedExpertMLP | None):
+        super().__init__()
+        self.config, self.layer_idx, self.backend = config, layer_idx, backend
+        # Plain references (not submodules): the model owns pool, router and steering once,
+        # the decoder layer owns its shared expert.
+        self.__dict__.update(pool=pool, router=router, steering=steering, shared_expert=shared_expert)
+        self.tp_size = get_tensor_model_parallel_world_size()
+
+    def forward(self, hidden_states: torch.Tensor, steering_index: torch.Tensor) -> torch.Tensor:
+        logits = self.router.logits(hidden_states)  # [T, E] fp32
+        topk_ids, topk_weights = route_tokens(
+            logits, steering_index, self.steering.bias_table, self.steering.mask_table,
+            self.layer_idx, self.config, self.router.norm_scale,
+        )  # [T, k] int32, [T, k] fp32
+        out = self.backend(hidden_states, self.pool, topk_ids, topk_weights)  # [T, H], this rank's F slice
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(hidden_states)
+        if self.tp_size > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        return out
+
+
+class UniPoolDecoderLayer(nn.Module):
+    def __init__(self, config: UniPoolConfig, vllm_config: VllmConfig, layer_idx: int, model: "UniPoolModel",
+                 prefix: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = UniPoolAttention(config, vllm_config, f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        width = config.shared_expert_intermediate_size
+        self.shared_expert = SharedExpertMLP(config.hidden_size, width, f"{prefix}.shared_expert") if width else None
+        self.moe = UniPoolMoE(
+            config, layer_idx, model.pools[config.layer_to_pool(layer_idx)],
+            model.routers[config.layer_to_router(layer_idx)], model.steering, model.moe_backend,
+            self.shared_expert,
+        )
+
+    def forward(self, positions, hidden_states, residual, steering_index):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.moe(hidden_states, steering_index), residual
+
+
+@support_torch_compile
+class UniPoolModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config: UniPoolConfig = vllm_config.model_config.hf_config
+        self.config = config
+        dtype = vllm_config.model_config.dtype
+        self.moe_backend = select_backend(current_platform.device_type, dtype, config.hidden_size)
+        tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   prefix=f"{prefix}.embed_tokens")
+        max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens,
+                         vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+        self.steering = SteeringState(max_tokens, config.num_hidden_layers, config.num_experts,
+                                      max_profiles_from_env())
+        # This pipeline stage's layers; pools and routers no local layer uses are placeholders.
+        from vllm.distributed.utils import get_pp_indices
+        start, end = get_pp_indices(config.num_hidden_layers, get_pp_group().rank_in_group,
+                                    get_pp_group().world_size)
+        used_pools = {config.layer_to_pool(l) for l in range(start, end)}
+        used_routers = {config.layer_to_router(l) for l in range(start, end)}
+        self.pools = nn.ModuleList(
+            ExpertPool(config.num_experts, config.hidden_size, config.expert_intermediate_size,
+                       tp_rank=tp_rank, tp_size=tp_size, pad_to=self.moe_backend.pad_to, dtype=dtype)
+            if p in used_pools else PPMissingLayer()
+            for p in range(config.num_pools)
+        )
+        self.routers = nn.ModuleList(
+            PoolRouter(config) if r in used_routers else PPMissingLayer() for r in range(config.num_routers)
+        )
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: UniPoolDecoderLayer(config, vllm_config, int(prefix.rsplit(".", 1)[1]), self, prefix),
+            prefix=f"{prefix}.layers",
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        if get_pp_group().is_first_rank:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            residual = None
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+            residual = intermediate_tensors["residual"]
+        steering_index = self.steering.step_index(hidden_states.shape[0])  # [T] int32
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
+            hidden_states, residual = layer(positions, hidden_states, residual, steering_index)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class UniPoolForCausalLM(nn.Module, SupportsPP):
+    """vLLM entry class. Steering seam: `self.steering` (see steering_state.py)."""
+
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config: UniPoolConfig = vllm_config.model_config.hf_config
+        self.config = config
+        self.model = UniPoolModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+    @property
+    def steering(self) -> SteeringState:
+        return self.model.steering
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_checkpoint(self, weights)
+
+    def process_weights_after_loading(self) -> None:
+        """Called once by vLLM's loader after all weights (or dummy weights) are in place."""
+        for pool in self.model.pools:
+            if isinstance(pool, ExpertPool) and pool.packed_by is None:
+                self.model.moe_backend.prepare(pool)
