@@ -1,0 +1,21 @@
+"""Shared fixtures. Tiny models are written once per session into a temp folder."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """write(name, seed=0, **config_overrides) -> folder; cached by (name, seed, overrides)."""
+    from unipool_serve.model_executor.tiny_model import write_tiny_model
+
+    cache = {}
+
+    def write(name: str, seed: int = 0, **overrides):
+        key = (name, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = write_tiny_model(tmp_path_factory.mktemp(name), seed=seed, **overrides)
+        return cache[key]
+
+    return write
