@@ -159,11 +159,15 @@ class UniPoolPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """transformers' loader, made strict: a missing, unexpected or mis-shaped tensor is an error."""
         want_info = kwargs.pop("output_loading_info", False)
+        # transformers only logs which tensor mismatched; let it finish and report them ourselves.
+        kwargs.setdefault("ignore_mismatched_sizes", True)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        mismatched = [f"{name} (checkpoint {list(ckpt)}, config expects {list(want)})"
+                      for name, ckpt, want in info.get("mismatched_keys") or ()]
         problems = [
             f"{kind} tensors: {sorted(names)}"
             for kind, names in (("missing", info.get("missing_keys")), ("unexpected", info.get("unexpected_keys")),
-                                ("mis-shaped", info.get("mismatched_keys")))
+                                ("mis-shaped", mismatched))
             if names
         ]
         if problems:
