@@ -8,4 +8,5 @@ serve: setup
 	.venv/bin/unipool-serve $(ARGS)
 
 test: setup
+	bash scripts/setup-tools.sh
 	bash scripts/run-tests.sh $(ARGS)
