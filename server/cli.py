@@ -1,20 +1,109 @@
-"""`unipool-serve` command line (the HTTP server is not built yet)."""
+r"""`unipool-serve`: vLLM's OpenAI server with shared-pool models, steering and pool metrics.
+
+    unipool-serve                                   # the bundled demo model, on CPU
+    unipool-serve --model /models/my-unipool --steering-dir /steering \
+        --api-key alice --api-key kids=safe-profile --admin-key root-secret \
+        --tensor-parallel-size 2                    # any vLLM engine argument passes through
+
+Our own flags are listed by --help; every other argument is vLLM's
+(`unipool-serve --help-vllm` lists them).
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from pathlib import Path
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "unipool-demo"
+WORKER_CLS = "unipool_serve.model_executor.steering_worker.SteeringWorker"
+PLUGINS = "unipool,unipool_api"
+
+
+def our_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unipool-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    parser.add_argument("--help-vllm", action="store_true", help="list vLLM's engine and server arguments and exit")
+    parser.add_argument("--model", help=f"model folder (default: the bundled demo model, {DEMO_MODEL})")
+    parser.add_argument("--steering-dir", type=Path,
+                        help="folder of <name>.safetensors steering profiles loaded at start; uploads are "
+                             "written here (default: <model>/steering when it exists)")
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY[=PROFILE]",
+                        help="accept this bearer key (repeatable); KEY=PROFILE binds a mandatory steering "
+                             "profile that requests with this key cannot override. No key: open access.")
+    parser.add_argument("--admin-key", help="bearer key allowed to upload and delete steering profiles")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--grace-period", type=int, default=30,
+                        help="seconds SIGTERM waits for running requests before exiting (default 30)")
+    return parser
+
+
+def _configure_environment(ours: argparse.Namespace, steering_dir: Path | None) -> None:
+    os.environ["VLLM_PLUGINS"] = PLUGINS  # loads our model plugin and our endpoint plugin
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # steering hooks the V1 runner; the worker checks it
+    keys = ",".join(ours.api_key)
+    for name, value in (("UNIPOOL_API_KEYS", keys), ("UNIPOOL_ADMIN_KEY", ours.admin_key or ""),
+                        ("UNIPOOL_STEERING_DIR", str(steering_dir) if steering_dir else "")):
+        os.environ[name] = value
+
+
+def _vllm_args(ours: argparse.Namespace, rest: list[str], model: str):
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="unipool-serve"))
+    if ours.help_vllm:
+        parser.print_help()
+        sys.exit(0)
+    defaults = ["--worker-cls", WORKER_CLS, "--shutdown-timeout", str(ours.grace_period)]
+    given = {arg.split("=")[0] for arg in rest}
+    extra = [a for pair in zip(defaults[::2], defaults[1::2]) if pair[0] not in given for a in pair]
+    args = parser.parse_args(["--model", model, "--host", ours.host, "--port", str(ours.port), *extra, *rest])
+    validate_parsed_serve_args(args)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    missing = []
-    if not (DEMO_MODEL / "config.json").exists():
-        missing.append(f"the bundled demo model ({DEMO_MODEL} has no config.json)")
-    missing.append("the HTTP server (unipool_serve.server.app)")
-    print("unipool-serve: cannot serve yet; missing: " + "; ".join(missing), file=sys.stderr)
-    return 2
+    ours, rest = our_parser().parse_known_args(argv)
+    if ours.help:
+        our_parser().print_help()
+        return 0
+    model = Path(ours.model) if ours.model else DEMO_MODEL
+    if not (model / "config.json").exists():
+        what = "the bundled demo model" if ours.model is None else "model folder"
+        print(f"unipool-serve: {what} {model} has no config.json (pass --model FOLDER)", file=sys.stderr)
+        return 2
+    steering_dir = ours.steering_dir
+    if steering_dir is None and (model / "steering").is_dir():
+        steering_dir = model / "steering"
+    if steering_dir is not None and not steering_dir.is_dir():
+        print(f"unipool-serve: --steering-dir {steering_dir} is not a folder", file=sys.stderr)
+        return 2
+    _configure_environment(ours, steering_dir)
+    try:
+        from .gateway import AccessPolicy
+
+        AccessPolicy.parse(ours.api_key, ours.admin_key)
+    except ValueError as exc:
+        print(f"unipool-serve: {exc}", file=sys.stderr)
+        return 2
+    args = _vllm_args(ours, rest, str(model))
+
+    import uvloop
+
+    from .launch import serve
+
+    print(f"unipool-serve: model {model}; steering profiles from {steering_dir or '(none)'}; "
+          f"{len(ours.api_key)} API key(s); admin {'on' if ours.admin_key else 'off'}; "
+          f"listening on http://{ours.host}:{ours.port} (/ready turns 200 when loaded)", flush=True)
+    uvloop.run(serve(args))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""Prometheus metrics of the expert pools and of steering.
+
+Routing counts are accumulated on the device inside the model (per layer and pool
+expert, over the tokens the model computed in real steps: prefix-cache hits are
+never computed, warm-up and dummy runs are excluded by a baseline taken at start)
+and read by this process every `interval` seconds through one `collective_rpc`.
+Nothing is done per token on the host.
+
+Exported (see deploy/observability/metric_names.txt):
+  unipool_expert_tokens_total{pool,expert}   counter  token-slots routed (tokens x layers x top-k)
+  unipool_layer_load_imbalance_ratio{layer}  gauge    max/mean expert share in the last interval
+  unipool_layer_routing_entropy_bits{layer}  gauge    entropy of the expert shares in the last interval
+  unipool_pool_active_experts_ratio{pool}    gauge    share of the pool's experts that got any token
+  unipool_steering_requests_total{profile}   counter  requests admitted, by profile ("none" = unsteered)
+  unipool_steering_errors_total{reason}      counter  requests rejected for steering reasons
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+import torch
+from prometheus_client import Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+logger = logging.getLogger("unipool_serve.server")
+STATS_RPC = "unipool_routing_stats"
+
+
+class PoolMetrics:
+    """Holds the latest routing snapshot and exposes it as a Prometheus collector."""
+
+    def __init__(self, registry, layer_to_pool: list[int], num_experts: int, interval: float):
+        self.layer_to_pool = layer_to_pool
+        self.num_experts = num_experts
+        self.interval = interval
+        self.baseline: torch.Tensor | None = None  # [L, E] counts before serving started
+        self.previous: torch.Tensor | None = None
+        self.total = torch.zeros(len(layer_to_pool), num_experts, dtype=torch.int64)
+        self.layer_imbalance: dict[int, float] = {}
+        self.layer_entropy: dict[int, float] = {}
+        self.pool_active: dict[int, float] = {}
+        self.requests = Counter("unipool_steering_requests", "Requests admitted, by steering profile",
+                                ["profile"], registry=registry)
+        self.errors = Counter("unipool_steering_errors", "Requests rejected for steering reasons",
+                              ["reason"], registry=registry)
+        registry.register(self)
+
+    # ---- reading the engine -------------------------------------------------
+    async def poll_forever(self, engine_client) -> None:
+        while True:
+            try:
+                await self.refresh(engine_client)
+            except Exception:  # noqa: BLE001 - metrics must never take the server down
+                logger.exception("reading routing statistics failed")
+            await asyncio.sleep(self.interval)
+
+    async def refresh(self, engine_client) -> None:
+        results = await engine_client.collective_rpc(STATS_RPC)
+        counts = torch.as_tensor(results[0], dtype=torch.int64)  # [L, E]; every TP rank routes alike
+        if self.baseline is None:
+            self.baseline = counts.clone()
+        self.update(counts - self.baseline)
+
+    def update(self, total: torch.Tensor) -> None:
+        """total: [L, E] token-slots per layer and pool expert since serving started."""
+        delta = total - (self.previous if self.previous is not None else torch.zeros_like(total))
+        self.previous, self.total = total, total
+        per_layer = delta.double()
+        for layer, row in enumerate(per_layer):
+            tokens = row.sum().item()
+            if tokens <= 0:
+                continue
+            share = row / tokens
+            self.layer_imbalance[layer] = float(share.max() * self.num_experts)
+            nonzero = share[share > 0]
+            self.layer_entropy[layer] = float(-(nonzero * nonzero.log2()).sum())
+        for pool in sorted(set(self.layer_to_pool)):
+            rows = per_layer[[l for l, p in enumerate(self.layer_to_pool) if p == pool]].sum(0)
+            if rows.sum() > 0:
+                self.pool_active[pool] = float((rows > 0).double().mean())
+
+    # ---- prometheus_client collector protocol -------------------------------
+    def describe(self):
+        return []
+
+    def collect(self):
+        tokens = CounterMetricFamily("unipool_expert_tokens", "Token-slots routed to each pool expert "
+                                     "(summed over the pool's layers and top-k slots)", labels=["pool", "expert"])
+        by_pool: dict[int, torch.Tensor] = {}
+        for layer, pool in enumerate(self.layer_to_pool):
+            by_pool[pool] = by_pool.get(pool, 0) + self.total[layer]
+        for pool, row in sorted(by_pool.items()):
+            for expert, value in enumerate(row.tolist()):
+                tokens.add_metric([str(pool), str(expert)], value)
+        yield tokens
+        for name, doc, values, label in (
+            ("unipool_layer_load_imbalance_ratio", "Max/mean expert share in the last interval", self.layer_imbalance, "layer"),
+            ("unipool_layer_routing_entropy_bits", "Entropy of the expert shares in the last interval", self.layer_entropy, "layer"),
+            ("unipool_pool_active_experts_ratio", "Share of the pool's experts that got any token in the last interval", self.pool_active, "pool"),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=[label])
+            for key, value in sorted(values.items()):
+                if math.isfinite(value):
+                    family.add_metric([str(key)], value)
+            yield family

@@ -1,0 +1,97 @@
+"""HTTP routes that are ours: steering profiles and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from unipool_serve.model_executor.steering_profile import SteeringProfile, SteeringProfileError, check_name
+
+from .errors import APIError, openai_error
+
+MAX_PROFILE_BYTES = 8 << 20
+router = APIRouter()
+
+
+def _store(request: Request):
+    store = getattr(request.app.state, "unipool_store", None)
+    if store is None:
+        raise APIError(503, "steering profiles are still loading", code="not_ready")
+    return store
+
+
+def _require_admin(request: Request) -> None:
+    policy = request.app.state.unipool_policy
+    if not policy.admin_key:
+        raise APIError(403, "profile changes are disabled: the server was started without --admin-key",
+                       code="admin_disabled")
+    if not request.scope.get("state", {}).get("unipool_admin"):
+        raise APIError(403, "this operation needs the admin key", code="admin_required")
+
+
+def _api(handler):
+    """Turn APIError and profile errors into the OpenAI envelope."""
+    import functools
+
+    @functools.wraps(handler)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await handler(*args, **kwargs)
+        except APIError as err:
+            return openai_error(err.status, err.message, param=err.param, code=err.code)
+        except SteeringProfileError as err:
+            return openai_error(400, str(err), code="invalid_steering_profile")
+    return wrapper
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    store = getattr(request.app.state, "unipool_store", None)
+    engine = getattr(request.app.state, "engine_client", None)
+    if store is None or engine is None or engine.errored:
+        return openai_error(503, "not ready: model or steering profiles still loading", code="not_ready")
+    return JSONResponse({"status": "ready", "steering_profiles": store.names(), "profile_load_errors": store.load_errors})
+
+
+@router.get("/v1/steering/profiles")
+@_api
+async def list_profiles(request: Request):
+    store = _store(request)
+    data = [{"object": "steering_profile", "id": name, "description": a.profile.description,
+             "alpha": a.profile.alpha, "content_hash": a.content_hash[:16]} for name, a in sorted(store.by_name.items())]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/v1/steering/profiles/{name}")
+@_api
+async def get_profile(name: str, request: Request):
+    check_name(name)
+    return JSONResponse({"object": "steering_profile", **_store(request).get(name).profile.summary()})
+
+
+@router.post("/v1/steering/profiles", status_code=201)
+@_api
+async def upload_profile(request: Request, replace: bool = False):
+    """Body: the raw profile file (safetensors, see docs/steering.md), at most 8 MiB."""
+    _require_admin(request)
+    store = _store(request)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_PROFILE_BYTES:
+        raise APIError(413, f"profile file larger than {MAX_PROFILE_BYTES} bytes")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_PROFILE_BYTES:
+            raise APIError(413, f"profile file larger than {MAX_PROFILE_BYTES} bytes")
+    profile = SteeringProfile.from_bytes(bytes(data), store.config, source="uploaded profile")
+    active = await store.add(profile, replace=replace)
+    return JSONResponse({"object": "steering_profile", **active.profile.summary()}, status_code=201)
+
+
+@router.delete("/v1/steering/profiles/{name}")
+@_api
+async def delete_profile(name: str, request: Request):
+    _require_admin(request)
+    check_name(name)
+    await _store(request).remove(name)
+    return JSONResponse({"object": "steering_profile.deleted", "id": name, "deleted": True})
