@@ -1,0 +1,102 @@
+"""Launch parameters for the fused pool MoE, tuned per shape and device.
+
+Tuned files live in kernels/configs/ (or $UNIPOOL_MOE_CONFIG_DIR), one per
+(E, H, F, k, dtype, device), e.g.
+`E=192,H=1024,F=4096,k=1,dtype=bfloat16,device=NVIDIA_H100_80GB_HBM3.json`,
+holding {"<token count>": {"BLOCK_M": .., "BLOCK_N": .., "BLOCK_K": .., "GROUP_M": ..,
+"num_warps": .., "num_stages": ..}, ...}. A call with T tokens uses the bucket
+nearest to T. benchmarks/tune_fused_moe.py writes these files; without one the
+heuristic `default_config` applies.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR_ENV = "UNIPOOL_MOE_CONFIG_DIR"
+_PACKAGED_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class MoELaunchConfig:
+    """Tile sizes and launch options shared by the gate_up and down grouped GEMMs."""
+
+    BLOCK_M: int = 16
+    BLOCK_N: int = 64
+    BLOCK_K: int = 64
+    GROUP_M: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+            value = getattr(self, name)
+            # tl.dot needs every tile side >= 16 and a power of two.
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name}={value}: must be a power of two >= 16")
+        if self.GROUP_M < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"GROUP_M, num_warps and num_stages must be >= 1: {self}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def current_device_name() -> str:
+    """`NVIDIA_H100_80GB_HBM3` on CUDA, `cpu` otherwise (no tuned files apply there)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "_")
+    return "cpu"
+
+
+def config_file_name(E: int, H: int, F: int, k: int, dtype: torch.dtype, device: str) -> str:
+    return f"E={E},H={H},F={F},k={k},dtype={dtype_name(dtype)},device={device}.json"
+
+
+def config_dirs() -> list[Path]:
+    override = os.environ.get(CONFIG_DIR_ENV)
+    return ([Path(override)] if override else []) + [_PACKAGED_DIR]
+
+
+@functools.lru_cache(maxsize=None)
+def load_tuned_configs(file_name: str) -> dict[int, MoELaunchConfig] | None:
+    """{token bucket: config} from the first config dir holding `file_name`, else None."""
+    for folder in config_dirs():
+        path = folder / file_name
+        if path.is_file():
+            raw = json.loads(path.read_text())
+            return {int(bucket): MoELaunchConfig(**cfg) for bucket, cfg in raw.items()}
+    return None
+
+
+def default_config(T: int, E: int, H: int, F: int, k: int, dtype: torch.dtype) -> MoELaunchConfig:
+    """Heuristic when no tuned file matches: tile M to the expected rows per touched expert."""
+    slots = T * k
+    rows_per_expert = slots / max(1, min(E, slots))
+    wide = dtype != torch.float32  # fp32 tiles take twice the shared memory
+    if rows_per_expert <= 16:  # decode: weight streaming; small M, deep K pipeline
+        return MoELaunchConfig(16, 64, 64, 1, 4, 4 if wide else 3)
+    if rows_per_expert <= 64:
+        return MoELaunchConfig(32, 64, 64 if wide else 32, 8, 4, 4 if wide else 3)
+    return MoELaunchConfig(64, 128, 64 if wide else 32, 8, 8 if wide else 4, 3)
+
+
+def get_config(
+    T: int, E: int, H: int, F: int, k: int, dtype: torch.dtype, device: str | None = None
+) -> MoELaunchConfig:
+    """Tuned config for the nearest token bucket, or the heuristic default."""
+    device = current_device_name() if device is None else device
+    tuned = load_tuned_configs(config_file_name(E, H, F, k, dtype, device))
+    if not tuned:
+        return default_config(T, E, H, F, k, dtype)
+    bucket = min(tuned, key=lambda b: (abs(b - T), b))
+    return tuned[bucket]
