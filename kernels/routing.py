@@ -64,8 +64,10 @@ def _route_kernel(
     elif ROUTER == 1:  # softmax: excluded logits are -inf
         z = tl.where(exclude | (~ok), float("-inf"), z)
         top = tl.max(z, axis=1)  # [BT]
+        top = tl.where(top == float("-inf"), 0.0, top)  # all-excluded rows: no inf - inf
         num = tl.exp(z - top[:, None])
-        scores = num / tl.sum(num, axis=1)[:, None]
+        total = tl.where(row_ok, tl.sum(num, axis=1), 1.0)  # rows past T would divide 0 by 0
+        scores = num / total[:, None]
     else:  # sigmoid: excluded scores are 0
         scores = 1.0 / (1.0 + tl.exp(-z))
         scores = tl.where(exclude, 0.0, scores)

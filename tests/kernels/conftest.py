@@ -1,0 +1,46 @@
+"""Kernel tests: real Triton on CUDA, the Triton interpreter on CPU.
+
+Triton picks interpreter or compiler when it is imported and when each kernel is
+decorated, so TRITON_INTERPRET=1 must be set before the first `import triton`.
+On a machine without CUDA this conftest sets it if triton is not imported yet. The
+variable then stays set for the rest of the process, which the other test folders
+tolerate: vLLM's CPU build disables Triton whatever the variable says, and
+kernels/dispatch.py never hands CPU tensors to Triton.
+
+If triton was already imported without the interpreter (an earlier folder imported
+vLLM), the kernels cannot run in this process: their tests are deselected here and
+test_fresh_process.py runs this folder in a child pytest instead, so a full run
+still executes (and fails on) every kernel test.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))  # kernel_checks.py sits beside the tests (folders are not packages)
+
+from kernel_checks import kernels_runnable_here  # noqa: E402
+
+FRESH_PROCESS_TEST = "test_fresh_process.py"
+
+
+def pytest_collection_modifyitems(config, items):
+    runnable = kernels_runnable_here()
+    keep, drop = [], []
+    for item in items:
+        path = Path(str(item.fspath))
+        if HERE not in path.parents:
+            keep.append(item)
+        elif (path.name == FRESH_PROCESS_TEST) != runnable:
+            keep.append(item)
+        else:
+            drop.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
