@@ -50,7 +50,7 @@ class UniPoolEndpointPlugin:
         app.include_router(router)
         app.state.unipool_policy = self.policy
         app.add_middleware(SteeringGateway, store_getter=self._store, policy=self.policy,
-                           on_request=self._count_request)
+                           on_request=self._count_request, on_steering_error=self._count_error)
 
     def _store(self):
         return getattr(self.app_state, "unipool_store", None)
@@ -58,6 +58,10 @@ class UniPoolEndpointPlugin:
     def _count_request(self, profile: str | None) -> None:
         if self.metrics is not None:
             self.metrics.requests.labels(profile=profile or "none").inc()
+
+    def _count_error(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.errors.labels(reason=reason).inc()
 
     async def init_state(self, engine_client, state, args) -> None:
         from vllm.v1.metrics.prometheus import get_prometheus_registry

@@ -68,11 +68,12 @@ def cache_salt_for(profile_hash: str, user_salt: str | None) -> str:
 class SteeringGateway:
     """Pure ASGI middleware (streaming responses pass through untouched)."""
 
-    def __init__(self, app, store_getter, policy: AccessPolicy, on_request=None):
+    def __init__(self, app, store_getter, policy: AccessPolicy, on_request=None, on_steering_error=None):
         self.app = app
         self.store_getter = store_getter  # () -> ProfileStore | None (None until the engine is up)
         self.policy = policy
         self.on_request = on_request  # (profile name or None) -> None: metrics hook
+        self.on_steering_error = on_steering_error  # (reason) -> None: metrics hook
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS):
@@ -87,6 +88,8 @@ class SteeringGateway:
             body = await _read_body(receive)
             body, active = self._rewrite(body, bound)
         except APIError as err:
+            if err.param == "steering" and self.on_steering_error is not None:
+                self.on_steering_error(str(err.code))
             return await send_openai_error(send, err.status, err.message, param=err.param, code=err.code)
 
         sent = False
@@ -122,10 +125,11 @@ class SteeringGateway:
             raise APIError(400, f"vllm_xargs keys {reserved} are reserved for the server", param="vllm_xargs")
         asked = {v for v in (request.pop("steering", None), xargs.pop("steering", None)) if v is not None}
         if any(not isinstance(v, str) for v in asked):
-            raise APIError(400, "'steering' must be a profile name (string)", param="steering")
+            raise APIError(400, "'steering' must be a profile name (string)", param="steering",
+                           code="invalid_steering_field")
         if len(asked) > 1:
             raise APIError(400, f"conflicting steering profiles {sorted(asked)} in 'steering' and 'vllm_xargs'",
-                           param="steering")
+                           param="steering", code="conflicting_steering")
         name = next(iter(asked), None)
         if bound is not None:
             if name is not None and name != bound:
