@@ -1,0 +1,51 @@
+"""Launch configs: file naming, tuned-file lookup by nearest token bucket, default."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from unipool_serve.kernels import launch_config
+from unipool_serve.kernels.launch_config import MoELaunchConfig, config_file_name, default_config, get_config
+
+
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(launch_config.CONFIG_DIR_ENV, str(tmp_path))
+    launch_config.load_tuned_configs.cache_clear()
+    yield tmp_path
+    launch_config.load_tuned_configs.cache_clear()
+
+
+def test_file_name_matches_the_documented_scheme():
+    name = config_file_name(192, 1024, 4096, 1, torch.bfloat16, "NVIDIA_H100_80GB_HBM3")
+    assert name == "E=192,H=1024,F=4096,k=1,dtype=bfloat16,device=NVIDIA_H100_80GB_HBM3.json"
+
+
+def test_tuned_file_wins_and_nearest_bucket_is_used(config_dir):
+    small = MoELaunchConfig(16, 64, 128, 1, 4, 5)
+    large = MoELaunchConfig(128, 128, 64, 8, 8, 3)
+    name = config_file_name(96, 768, 3072, 1, torch.bfloat16, "GPU_X")
+    (config_dir / name).write_text(json.dumps({"1": small.to_json(), "1024": large.to_json()}))
+    assert get_config(1, 96, 768, 3072, 1, torch.bfloat16, device="GPU_X") == small
+    assert get_config(300, 96, 768, 3072, 1, torch.bfloat16, device="GPU_X") == small
+    assert get_config(700, 96, 768, 3072, 1, torch.bfloat16, device="GPU_X") == large
+    assert get_config(16384, 96, 768, 3072, 1, torch.bfloat16, device="GPU_X") == large
+    # Another device, dtype or shape falls back to the heuristic.
+    assert get_config(1, 96, 768, 3072, 1, torch.bfloat16, device="GPU_Y") == default_config(
+        1, 96, 768, 3072, 1, torch.bfloat16)
+    assert get_config(1, 96, 768, 3072, 1, torch.float16, device="GPU_X") != small
+
+
+def test_default_grows_tiles_with_rows_per_expert():
+    decode = default_config(1, 192, 1024, 4096, 1, torch.bfloat16)
+    prefill = default_config(16384, 192, 1024, 4096, 1, torch.bfloat16)
+    assert decode.BLOCK_M == 16 and prefill.BLOCK_M > decode.BLOCK_M
+
+
+@pytest.mark.parametrize("bad", [dict(BLOCK_M=8), dict(BLOCK_N=48), dict(num_stages=0)])
+def test_invalid_config_names_the_field(bad):
+    with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
+        MoELaunchConfig(**bad)
