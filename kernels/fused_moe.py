@@ -27,7 +27,7 @@ def _expert_gemm_kernel(
     a_ptr, b_ptr, c_ptr, slots_ptr, block_expert_ptr, weights_ptr,
     N, K, num_slots, num_experts, a_row_div, num_m_blocks, up_offset,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
-    GATED: tl.constexpr, WEIGHTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GATED: tl.constexpr, WEIGHTED: tl.constexpr, IEEE_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[slot, n] = act(A[slot // a_row_div, :] @ B[e, n, :]) for the BLOCK_M slots of one block.
@@ -65,10 +65,17 @@ def _expert_gemm_kernel(
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b_mask = k_ok[:, None] & n_ok[None, :]
-        acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if GATED:
             b_up = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        if IEEE_FP32:  # fp32 inputs: exact products, not the tf32 default
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+            if GATED:
+                acc_up = tl.dot(a, b_up, acc_up, input_precision="ieee")
+        else:  # fp16/bf16: the backend's default (every backend accepts it)
+            acc = tl.dot(a, b, acc)
+            if GATED:
+                acc_up = tl.dot(a, b_up, acc_up)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -93,7 +100,7 @@ def _launch_expert_gemm(a, b, c, aligned, weights, *, n, k, num_slots, num_exper
         n, k, num_slots, num_experts, a_row_div, aligned.max_blocks, up_offset,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         GATED=gated, WEIGHTED=not gated,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 must stay exact
+        IEEE_FP32=a.dtype == torch.float32,
         BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
