@@ -56,8 +56,8 @@ def checkpoint_shapes(config: UniPoolConfig) -> dict[str, tuple[int, ...]]:
 
 def _layout(config: UniPoolConfig) -> str:
     return (f"num_hidden_layers={config.num_hidden_layers}, layers_per_pool={config.layers_per_pool} "
-            f"({config.num_pools} pools), layers_per_router={config.layers_per_router} "
-            f"({config.num_routers} routers), num_experts={config.num_experts}, "
+            f"({config.num_pools} pool(s)), layers_per_router={config.layers_per_router} "
+            f"({config.num_routers} router(s)), num_experts={config.num_experts}, "
             f"expert_intermediate_size={config.expert_intermediate_size}, router_type={config.router_type!r}, "
             f"shared_expert_intermediate_size={config.shared_expert_intermediate_size}")
 
