@@ -7,6 +7,8 @@ step whose index slice is all zero routes exactly as an unsteered model.
   index       [max_tokens]     int32  profile row per token of the current step (0 = none)
   bias_table  [P_max+1, L, E]  fp32   MASCing bias rows, alpha folded in (row 0 = zeros)
   mask_table  [P_max+1, L, E]  int8   SteerMoE rows, +1 include / -1 exclude (row 0 = zeros)
+  routing_counts [L, E]        int64  token-slots routed per layer and pool expert, cumulative
+                                      (read by the server's metrics; off with UNIPOOL_ROUTING_STATS=0)
 
 Whoever fills the index for a step must write (at least) the first num_tokens
 entries every step: the buffer persists between steps and warm-up runs.
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 MAX_PROFILES_ENV = "UNIPOOL_MAX_STEERING_PROFILES"
+ROUTING_STATS_ENV = "UNIPOOL_ROUTING_STATS"
 DEFAULT_MAX_PROFILES = 16
 
 
@@ -50,6 +53,16 @@ class SteeringState(nn.Module):
             "mask_table", torch.zeros(max_profiles + 1, num_layers, num_experts, dtype=torch.int8),
             persistent=False,
         )
+        # A Python constant, fixed at build time: compiled graphs specialise on it.
+        self.count_routing = os.environ.get(ROUTING_STATS_ENV, "1") != "0"
+        self.register_buffer("routing_counts", torch.zeros(num_layers, num_experts, dtype=torch.int64),
+                             persistent=False)
+
+    def record_routing(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """Add this step's choices of one layer to the counts (in place, on the device)."""
+        if self.count_routing:
+            flat = topk_ids.reshape(-1).long()  # [T*k]
+            self.routing_counts[layer].index_add_(0, flat, torch.ones_like(flat))
 
     def step_index(self, num_tokens: int) -> torch.Tensor:
         """The index slice of the current step's tokens: [num_tokens] int32 (a view)."""

@@ -119,6 +119,7 @@ class UniPoolMoE(nn.Module):
             logits, steering_index, self.steering.bias_table, self.steering.mask_table,
             self.layer_idx, self.config, self.router.norm_scale,
         )  # [T, k] int32, [T, k] fp32
+        self.steering.record_routing(self.layer_idx, topk_ids)
         out = self.backend(hidden_states, self.pool, topk_ids, topk_weights)  # [T, H], this rank's F slice
         if self.shared_expert is not None:
             out = out + self.shared_expert(hidden_states)
