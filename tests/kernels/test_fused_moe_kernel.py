@@ -125,11 +125,11 @@ def test_rejects_pools_without_unit_inner_stride():
         fused_pool_moe(hidden, w_gate_up, w_down, ids, torch.ones(4, 1, device=DEVICE))
 
 
-@pytest.mark.parametrize("block_m", [16, 32])
-def test_alignment_gives_blocks_only_to_used_experts(block_m):
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m", [(50, 3, 96, 16), (50, 3, 96, 32), (16384, 4, 384, 64)])
+def test_alignment_gives_blocks_only_to_used_experts(num_tokens, top_k, num_experts, block_m):
     gen = torch.Generator().manual_seed(block_m)
-    num_experts = 96
-    ids = torch.randint(0, 6, (50, 3), generator=gen) * 7  # experts 0, 7, ..., 35 only
+    # Only every 7th expert is ever chosen, so most experts get no slot.
+    ids = torch.randint(0, num_experts // 7, (num_tokens, top_k), generator=gen) * 7
     aligned = align_slots_by_expert(ids, num_experts, block_m)
     flat = ids.reshape(-1)
     counts = torch.bincount(flat, minlength=num_experts)
