@@ -81,8 +81,9 @@ class UniPoolEndpointPlugin:
             return
 
         async def push(slot, profile):
-            bias = None if profile is None else profile.bias_rows()
-            mask = None if profile is None else profile.mask_rows()
+            # Plain lists: tensors do not survive the engine core's re-pickling to the workers.
+            bias = None if profile is None else profile.bias_rows().tolist()
+            mask = None if profile is None else profile.mask_rows().tolist()
             digest = None if profile is None else profile.content_hash()[:16]
             await engine_client.collective_rpc(PROFILE_RPC, args=(slot, bias, mask, digest))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 
 import uvicorn
 from starlette.applications import Starlette
@@ -52,12 +53,15 @@ async def serve(args) -> None:
 
     signal.signal(signal.SIGTERM, interrupt)
     listen_address, sock = setup_server(args, reuse_port=False)
+    # Engine construction blocks this event loop, so the placeholder gets a thread and a loop of its own.
     placeholder = _QuietServer(uvicorn.Config(loading_app(), log_level="warning", lifespan="off"))
-    placeholder_task = asyncio.create_task(placeholder.serve(sockets=[sock.dup()]))
+    thread = threading.Thread(target=asyncio.run, args=(placeholder.serve(sockets=[sock.dup()]),),
+                              name="unipool-loading", daemon=True)
+    thread.start()
     try:
         async with build_async_engine_client(args) as engine_client:
             placeholder.should_exit = True
-            await placeholder_task
+            await asyncio.to_thread(thread.join)
             shutdown_task = await build_and_serve(engine_client, listen_address, sock, args)
         await shutdown_task
     finally:
