@@ -1,8 +1,10 @@
 """Fixed prompts and measurements for the demo model's behaviours and its steering profiles.
 
 Reusable by every path that serves models/unipool-demo (reference model, vLLM engine,
-HTTP server): the prompts are fixed strings, the continuation length and decoding
-(greedy, 32 new tokens, stop at </s>) are fixed, and `classify` decides the kind.
+HTTP server): the prompts are fixed strings (generated deterministically from the
+held-out split of the grammar), the decoding is fixed (greedy, exactly 32 new tokens
+with </s> banned: vLLM `temperature=0, max_tokens=32, min_tokens=32`), prompts are
+sent without special tokens, and `classify` decides the kind.
 
 The reference measurement here runs `UniPoolForCausalLM` with `steering_bias` /
 `steering_mask` rows, the exact routing semantics the engine implements
@@ -93,8 +95,17 @@ def greedy_continuations(
     max_new_tokens: int = MAX_NEW_TOKENS,
     bias_rows: torch.Tensor | None = None,
     mask_rows: torch.Tensor | None = None,
+    min_new_tokens: int | None = None,
 ) -> list[str]:
-    """Greedy continuations (text of the new tokens, stopped at </s>) of each prompt.
+    """Greedy continuations (text of the new tokens) of each prompt.
+
+    Exactly `max_new_tokens` tokens are generated unless `min_new_tokens` is set lower:
+    </s> is banned (its logit set to -inf) until `min_new_tokens` (default: all of
+    them) are out, after which a sequence stops at its first </s>. In vLLM terms the
+    default is `SamplingParams(temperature=0, max_tokens=32, min_tokens=32)`. Without
+    the ban the demo model, greedy, often ends a prose document right after the
+    prompt's sentence (</s> is the single likeliest next token there, even though
+    most of its probability lies on the many ways to start another sentence).
 
     bias_rows: [L, E] fp32 with alpha folded in (a profile's `bias_rows()`);
     mask_rows: [L, E] int8 (+1 include, -1 exclude; a profile's `mask_rows()`).
@@ -105,6 +116,7 @@ def greedy_continuations(
     from transformers.cache_utils import DynamicCache
 
     eos = tokenizer.eos_token_id
+    min_new = max_new_tokens if min_new_tokens is None else min_new_tokens
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     groups: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
@@ -117,10 +129,13 @@ def greedy_continuations(
         cache = DynamicCache(config=model.config)
         new = torch.empty(batch, 0, dtype=torch.long)
         step_input = ids
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             out = model(input_ids=step_input, past_key_values=cache, use_cache=True,
                         steering_bias=bias, steering_mask=mask, logits_to_keep=1)
-            nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # [B, 1]
+            logits = out.logits[:, -1].float()  # [B, V]
+            if step < min_new:
+                logits[:, eos] = float("-inf")
+            nxt = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
             new = torch.cat([new, nxt], dim=1)
             cache = out.past_key_values
             step_input = nxt
@@ -142,7 +157,8 @@ def kind_shares(texts: Sequence[str]) -> dict[str, float]:
 
 def measure(model, tokenizer, prompts: Sequence[str], *, bias_rows=None, mask_rows=None,
             max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, float]:
-    """kind_shares of the greedy continuations of `prompts` under the given steering rows."""
+    """kind_shares of the greedy continuations (exactly max_new_tokens, </s> banned) of
+    `prompts` under the given steering rows."""
     texts = greedy_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                  bias_rows=bias_rows, mask_rows=mask_rows)
     return kind_shares(texts)

@@ -212,6 +212,17 @@ def state_hash(model) -> str:
     return h.hexdigest()
 
 
+def corpus_hash(n_docs: int, seed: int) -> str:
+    """sha256 of the training corpus in training order (guards the grammar the weights came from)."""
+    return hashlib.sha256("\x00".join(build_corpus(n_docs, seed)).encode()).hexdigest()
+
+
+def prompts_hash() -> str:
+    """sha256 of the fixed evaluation and calibration prompt sets."""
+    sets = (demo_eval.PROMPTS_CODE, demo_eval.PROMPTS_PROSE, demo_eval.CALIBRATION_CODE, demo_eval.CALIBRATION_PROSE)
+    return hashlib.sha256(json.dumps(sets).encode()).hexdigest()
+
+
 def weights_hash(out: Path) -> str:
     from safetensors.torch import load_file
 
@@ -278,6 +289,9 @@ def evaluate(out: Path, train_info: dict | None) -> dict:
     elif (out / "training.json").exists():
         report["training"] = {k: v for k, v in json.loads((out / "training.json").read_text()).items() if k != "loss_log"}
 
+    report["corpus_sha256"] = corpus_hash(report.get("training", {}).get("documents_per_kind", 12000),
+                                          report.get("training", {}).get("seed", 0))
+    report["prompts_sha256"] = prompts_hash()
     print("classifier accuracy on held-out corpus text ...", flush=True)
     report["classifier"] = classifier_accuracy(tokenizer)
     print(json.dumps(report["classifier"], indent=1), flush=True)
@@ -327,14 +341,19 @@ def evaluate(out: Path, train_info: dict | None) -> dict:
         profiles[target] = {"bias": bias, "mask": mask, "alpha": best, "calibration": calib}
         print(f"profile {target}: calibration shares by alpha {calib} -> alpha {best}", flush=True)
 
-    print("steering effect on the fixed prompt sets ...", flush=True)
+    save_profiles(out, cfg, profiles)
+    print("steering effect on the fixed prompt sets (profiles as loaded from steering/) ...", flush=True)
+    from unipool_serve.model_executor.steering_profile import SteeringProfile
+
     table = {}
+    loaded = {}
     for target, prompts, away in (("prose", demo_eval.PROMPTS_CODE, "code"), ("code", demo_eval.PROMPTS_PROSE, "prose")):
-        prof = profiles[target]
-        alpha, bias, mask = prof["alpha"], prof["bias"], prof["mask"]
+        prof = loaded[target] = SteeringProfile.load(out / "steering" / f"{target}.safetensors", cfg)
+        alpha, bias, mask = prof.alpha, prof.bias, prof.mask_rows()
         rows = {"none": demo_eval.measure(model, tokenizer, prompts)}
-        rows["profile (bias+mask)"] = demo_eval.measure(model, tokenizer, prompts, bias_rows=alpha * bias, mask_rows=mask)
-        rows["bias only"] = demo_eval.measure(model, tokenizer, prompts, bias_rows=alpha * bias)
+        rows["profile (bias+mask)"] = demo_eval.measure(model, tokenizer, prompts, bias_rows=prof.bias_rows(),
+                                                        mask_rows=mask)
+        rows["bias only"] = demo_eval.measure(model, tokenizer, prompts, bias_rows=prof.bias_rows())
         rows["mask only"] = demo_eval.measure(model, tokenizer, prompts, mask_rows=mask)
         controls = []
         for seed in CONTROL_SEEDS:
@@ -345,15 +364,14 @@ def evaluate(out: Path, train_info: dict | None) -> dict:
             rows[f"random control seed {CONTROL_SEEDS[i]}"] = c
         table[target] = {"prompts": f"{len(prompts)} {away} prompts", "away": away, "alpha": alpha,
                          "layout": nonzero_layout(bias, mask), "rows": rows,
-                         "calibration": {str(a): s for a, s in prof["calibration"].items()}}
+                         "calibration": {str(a): s for a, s in profiles[target]["calibration"].items()}}
         print(json.dumps(table[target], indent=1), flush=True)
     report["steering"] = table
     report["steered_samples"] = [
         {"prompt": p, "continuation": c} for p, c in zip(demo_eval.PROMPTS_CODE[:3], demo_eval.greedy_continuations(
             model, tokenizer, demo_eval.PROMPTS_CODE[:3],
-            bias_rows=profiles["prose"]["alpha"] * profiles["prose"]["bias"], mask_rows=profiles["prose"]["mask"]))
+            bias_rows=loaded["prose"].bias_rows(), mask_rows=loaded["prose"].mask_rows()))
     ]
-    save_profiles(out, cfg, profiles)
     (out / "metadata.json").write_text(json.dumps(report, indent=1) + "\n")
     write_readme(out, cfg, report)
     return report
@@ -374,25 +392,16 @@ def _mask_dicts(mask: torch.Tensor) -> tuple[dict[int, list[int]], dict[int, lis
 
 
 def save_profiles(out: Path, cfg: UniPoolConfig, profiles: dict) -> None:
+    from unipool_serve.model_executor.steering_profile import SteeringProfile
+
     steering_dir = out / "steering"
     steering_dir.mkdir(exist_ok=True)
     for name, prof in profiles.items():
         include, exclude = _mask_dicts(prof["mask"])
         path = steering_dir / f"{name}.safetensors"
-        try:
-            from unipool_serve.model_executor.steering_profile import SteeringProfile
-        except ImportError:
-            SteeringProfile = None
-        if SteeringProfile is not None:
-            profile = SteeringProfile.for_config(cfg, name=name, bias=prof["bias"], alpha=float(prof["alpha"]),
-                                                 include=include, exclude=exclude, description=DESCRIPTIONS[name])
-            profile.save(str(path))
-        else:  # interim format until steering_profile lands: same tensors, plain safetensors
-            from safetensors.torch import save_file
-
-            save_file({"bias": prof["bias"].contiguous(), "mask": prof["mask"].contiguous()}, str(path),
-                      metadata={"name": name, "alpha": str(prof["alpha"]), "description": DESCRIPTIONS[name],
-                                "config_fingerprint": cfg.fingerprint()})
+        profile = SteeringProfile.for_config(cfg, name=name, bias=prof["bias"], alpha=float(prof["alpha"]),
+                                             include=include, exclude=exclude, description=DESCRIPTIONS[name])
+        profile.save(path)
 
 
 def _pct(x: float) -> str:
