@@ -485,11 +485,35 @@ def write_readme(out: Path, cfg: UniPoolConfig, r: dict) -> None:
               "Random controls: per layer the same bias values and the same number of excludes on experts "
               "drawn at random (3 seeds).", ""]
     for target, t in r["steering"].items():
-        lines += [f"### `{target}` on {t['prompts']} (alpha {t['alpha']}, {t['layout']})", "",
+        lay = t["layout"]
+        lines += [f"### `{target}` on {t['prompts']} (alpha {t['alpha']}; {lay['bias_nonzero']} nonzero bias entries, "
+                  f"{lay['excluded']} exclusions, {lay['included']} inclusions over {cfg.num_hidden_layers} x "
+                  f"{cfg.num_experts})", "",
                   "| steering | classified prose | classified code | other |", "|---|---|---|---|"]
         for name, row in t["rows"].items():
             lines.append(f"| {name} | {_pct(row['prose'])} | {_pct(row['code'])} | {_pct(row['other'])} |")
         lines.append("")
+    pr, co = r["steering"]["prose"]["rows"], r["steering"]["code"]["rows"]
+    ctl = lambda rows, k: ", ".join(_pct(rows[f"random control seed {s}"][k]) for s in CONTROL_SEEDS)  # noqa: E731
+    lines += [
+        "### Reading the tables", "",
+        f"- `prose` on code prompts: code {_pct(pr['none']['code'])} -> {_pct(pr['profile (bias+mask)']['code'])}; "
+        f"the random controls of the same size leave code at {ctl(pr, 'code')}. The profile needs its bias and its "
+        f"exclusions together: bias alone gives {_pct(pr['bias only']['code'])} code, exclusions alone "
+        f"{_pct(pr['mask only']['code'])}.",
+        f"- `code` on prose prompts: prose {_pct(co['none']['prose'])} -> {_pct(co['profile (bias+mask)']['prose'])}; "
+        f"but the random controls also cut prose to {ctl(co, 'prose')}: this small model's prose continuations "
+        "break down under almost any routing perturbation and code is the stronger attractor, so part of this "
+        "profile's effect is generic disruption. The `prose` direction is the clean demonstration.",
+        "- Steered text is not fluent. The `prose` profile turns code prompts into prose-like sentences that often "
+        "keep the code's indentation (samples below); the classifier counts markers, not quality.",
+        "- Measurement: reference model in fp32, greedy, exactly 32 new tokens with </s> banned (vLLM: "
+        "`temperature=0, max_tokens=32, min_tokens=32`), prompts sent without special tokens; profile rows at every "
+        "position, prefill and decode, scaled by each token's own logit standard deviation. Prompts: "
+        "`PROMPTS_CODE` / `PROMPTS_PROSE` in model_executor/demo_eval.py (held-out split); alpha was picked "
+        f"from {list(ALPHAS)} on the separate calibration prompts (largest target share, ties to the smaller alpha).",
+        "",
+    ]
     lines += ["Steered samples (`prose` profile on code prompts):", ""]
     for s in r["steered_samples"]:
         lines += ["```", s["prompt"] + "⟨" + s["continuation"] + "⟩", "```"]
