@@ -19,7 +19,7 @@ import pytest
 from unipool_serve.model_executor.steering_profile import SteeringProfile
 from unipool_serve.model_executor.tiny_model import tiny_config
 
-from .conftest import ADMIN_KEY, API_KEY, BOUND_KEY
+from server_process import ADMIN_KEY, API_KEY, BOUND_KEY
 
 pytestmark = pytest.mark.server
 PROMPT = "def add(a, b):"

@@ -1,0 +1,97 @@
+"""A real `unipool-serve` process on a tiny model, shared by the server tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from unipool_serve.model_executor.steering_profile import SteeringProfile
+from unipool_serve.model_executor.tiny_model import tiny_config
+
+API_KEY, BOUND_KEY, ADMIN_KEY = "user-key", "kid-key", "admin-key"
+SERVER_START_TIMEOUT = 420
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_profiles(model_dir: Path, steering_dir: Path) -> None:
+    config = tiny_config()  # the same config the tiny model was written with
+    steering_dir.mkdir()
+    for name, exclude in (("no-e0", [0]), ("no-e1", [1])):
+        SteeringProfile.for_config(config, name=name, exclude={l: exclude for l in range(config.num_hidden_layers)},
+                                   description=f"never route to expert {exclude[0]}").save(steering_dir / f"{name}.safetensors")
+    SteeringProfile.for_config(config, name="push-e5", bias=_bias(config, 5), alpha=2.0).save(steering_dir / "push-e5.safetensors")
+    (steering_dir / "broken.safetensors").write_bytes(b"not a profile")
+
+
+def _bias(config, expert):
+    import torch
+
+    bias = torch.zeros(config.num_hidden_layers, config.num_experts)
+    bias[:, expert] = 3.0
+    return bias
+
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path, steering_dir: Path, ready_codes: list[int]):
+        self.url, self.proc, self.log, self.steering_dir, self.ready_codes = url, proc, log, steering_dir, ready_codes
+
+    def client(self, key: str | None = API_KEY):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=120)
+
+    def http(self, key: str | None = API_KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_factory, tmp_path_factory):
+    model = tiny_model_factory("server-model", seed=0)
+    steering_dir = tmp_path_factory.mktemp("server") / "steering"
+    write_profiles(model, steering_dir)
+    port = free_port()
+    log = tmp_path_factory.mktemp("server-log") / "server.log"
+    env = {**os.environ, "UNIPOOL_METRICS_INTERVAL": "0.5", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, "-m", "unipool_serve.server.cli", "--model", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--steering-dir", str(steering_dir), "--api-key", API_KEY,
+           "--api-key", f"{BOUND_KEY}=no-e0", "--admin-key", ADMIN_KEY, "--grace-period", "20",
+           "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "32", "--no-enable-prefix-caching",
+           "--served-model-name", "tiny"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    ready_codes: list[int] = []
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"unipool-serve exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
+            try:
+                code = httpx.get(f"{url}/ready", timeout=5).status_code
+                ready_codes.append(code)
+                if code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"unipool-serve not ready after {SERVER_START_TIMEOUT}s:\n{log.read_text()[-6000:]}")
+        yield Server(url, proc, log, steering_dir, ready_codes)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
