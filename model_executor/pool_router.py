@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipool_serve.kernels.routing_reference import route_with_table
+from unipool_serve.kernels.routing_reference import route, route_with_table
 
 from .config import UniPoolConfig
 
@@ -51,18 +51,23 @@ def route_tokens(
     layer: int,
     config: UniPoolConfig,
     norm_scale: torch.Tensor | None,
+    steerable: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(topk_ids [T, k] int32, topk_weights [T, k] fp32) for one layer's tokens.
 
     Always the same ops whatever the index holds (a data-dependent branch would be
     frozen into a compiled graph); index 0 gathers the zero rows and routes exactly
-    like an unsteered router.
+    like an unsteered router. `steerable=False` (fixed when the model is built, see
+    UNIPOOL_STEERING in steering_state.py) skips the tables altogether.
     """
     kwargs = dict(
         renormalize=config.norm_topk_prob,
         norm_scale=1.0 if norm_scale is None else norm_scale,
         norm_c=config.norm_router_c or 1.0,
     )
+    if not steerable:
+        ids, weights = route(logits, config.num_experts_per_tok, config.router_type, **kwargs)
+        return ids.to(torch.int32).contiguous(), weights.float().contiguous()
     fused = _fused_route() if logits.is_cuda else None
     fn = fused if fused is not None else route_with_table
     ids, weights = fn(

@@ -40,8 +40,10 @@ def max_profiles_from_env() -> int:
 class SteeringState(nn.Module):
     """Persistent steering buffers read by every router of the model (see module doc)."""
 
-    def __init__(self, max_tokens: int, num_layers: int, num_experts: int, max_profiles: int):
+    def __init__(self, max_tokens: int, num_layers: int, num_experts: int, max_profiles: int,
+                 enabled: bool = True):
         super().__init__()
+        self.enabled = enabled  # False: routers ignore the buffers (they still exist)
         self.max_tokens = max_tokens
         self.max_profiles = max_profiles
         self.register_buffer("index", torch.zeros(max_tokens, dtype=torch.int32), persistent=False)

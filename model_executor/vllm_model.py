@@ -45,7 +45,7 @@ from .config import UniPoolConfig
 from .expert_pool import ExpertPool
 from .moe_backend import select_backend
 from .pool_router import PoolRouter, route_tokens
-from .steering_state import SteeringState, max_profiles_from_env
+from .steering_state import SteeringState, max_profiles_from_env, steering_enabled_from_env
 
 
 class UniPoolAttention(nn.Module):
@@ -117,7 +117,7 @@ class UniPoolMoE(nn.Module):
         logits = self.router.logits(hidden_states)  # [T, E] fp32
         topk_ids, topk_weights = route_tokens(
             logits, steering_index, self.steering.bias_table, self.steering.mask_table,
-            self.layer_idx, self.config, self.router.norm_scale,
+            self.layer_idx, self.config, self.router.norm_scale, self.steering.enabled,
         )  # [T, k] int32, [T, k] fp32
         self.steering.record_routing(self.layer_idx, topk_ids)
         out = self.backend(hidden_states, self.pool, topk_ids, topk_weights)  # [T, H], this rank's F slice
@@ -169,7 +169,7 @@ class UniPoolModel(nn.Module):
         max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens,
                          vllm_config.compilation_config.max_cudagraph_capture_size or 0)
         self.steering = SteeringState(max_tokens, config.num_hidden_layers, config.num_experts,
-                                      max_profiles_from_env())
+                                      max_profiles_from_env(), steering_enabled_from_env())
         # This pipeline stage's layers; pools and routers no local layer uses are placeholders.
         from vllm.distributed.utils import get_pp_indices
         start, end = get_pp_indices(config.num_hidden_layers, get_pp_group().rank_in_group,
