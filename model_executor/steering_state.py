@@ -24,6 +24,16 @@ from torch import nn
 MAX_PROFILES_ENV = "UNIPOOL_MAX_STEERING_PROFILES"
 ROUTING_STATS_ENV = "UNIPOOL_ROUTING_STATS"
 DEFAULT_MAX_PROFILES = 16
+# "0" builds routers that never read the tables (for engines that will never steer,
+# and to measure what the seam costs); fixed when the model is built.
+STEERING_ENV = "UNIPOOL_STEERING"
+
+
+def steering_enabled_from_env() -> bool:
+    raw = os.environ.get(STEERING_ENV, "1").strip().lower()
+    if raw not in ("0", "1", "false", "true", "off", "on"):
+        raise ValueError(f"{STEERING_ENV}={raw!r} must be 1/0 (on/off)")
+    return raw in ("1", "true", "on")
 
 
 def max_profiles_from_env() -> int:
