@@ -54,7 +54,7 @@ def test_completion_chat_and_streaming_with_usage(server):
     done = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
     assert done.usage.completion_tokens == 8 and done.choices[0].text
     n2 = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, n=2, temperature=1.0, seed=1, logprobs=2)
-    assert len(n2.choices) == 2 and len(n2.choices[0].logprobs.top_logprobs[0]) == 2
+    assert len(n2.choices) == 2 and len(n2.choices[0].logprobs.token_logprobs) == 4  # (top_logprobs is keyed by text)
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6)
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 6
     chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=7, temperature=0, stream=True,
