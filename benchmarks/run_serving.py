@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serving.harness import Harness, dump, log, machine_info  # noqa: E402
 from serving.load import random_prompts  # noqa: E402
+from serving.models import DTYPES  # noqa: E402
 from serving.plan import COMPARISONS, KV_SPACE_GIB, MODES  # noqa: E402
 from serving.report import markdown, plots, ratios, update_doc  # noqa: E402
 
@@ -57,7 +58,7 @@ def reference(h: Harness, mode) -> dict:
     batches = sorted({*mode.concurrencies, mode.compare_at, mode.budget_at})
     prompts = random_prompts(vocab, max(batches), mode.workload.input_len, mode.workload.seed)
     for key in [k for k in ("unipool", "vanilla") if k in h.models]:
-        model = ref.load(h.models[key])
+        model = ref.load(h.models[key], DTYPES[mode.shape.dtype])
         out["u_l"][key] = [ref.distinct_experts_per_step(model, prompts, b, mode.workload.output_len) for b in batches]
         log(f"  u_l {key}: " + ", ".join(f"B={u['batch']}: {u['u_mean']:.1f}" for u in out["u_l"][key]))
         if key == "unipool" and "reference" in mode.comparisons:

@@ -81,7 +81,7 @@ class Harness:
         self.models = write_all(self.work / "models", mode.shape, which)
         self.steering_dir = self.work / "steering"
         self.profiles = write_profiles(self.models["unipool"], self.steering_dir)
-        self.weights = {k: weight_bytes(p) for k, p in self.models.items()}
+        self.weights = {k: weight_bytes(p, mode.shape.dtype) for k, p in self.models.items()}
         per_token = mode.shape.kv_bytes_per_token()
         seq_tokens = math.ceil((mode.workload.input_len + mode.workload.output_len) / 128) * 128
         vanilla_kv = mode.budget_kv_seqs * seq_tokens * per_token

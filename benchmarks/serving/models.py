@@ -18,7 +18,6 @@ from safetensors import safe_open
 from unipool_serve.model_executor.config import UniPoolConfig
 from unipool_serve.model_executor.steering_profile import SteeringProfile
 from unipool_serve.model_executor.tiny_model import write_tiny_model
-from unipool_serve.model_executor.tokenizer import BOS_ID, EOS_ID, PAD_ID, write_small_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -54,47 +53,50 @@ QUICK_SHAPE = Shape()
 SMOKE_SHAPE = Shape(hidden=128, layers=2, heads=2, kv_heads=1, width=128, experts_per_layer=8)
 
 
-def _unipool_overrides(shape: Shape) -> dict:
-    return dict(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
-        max_position_embeddings=shape.max_positions, expert_intermediate_size=shape.width,
-        num_experts_per_tok=shape.top_k, initializer_range=0.02,
-    )
+def _plugin_bench():
+    """benchmarks/bench_plugin_vs_mixtral.py, whose model writers we reuse (it sets env defaults on import)."""
+    import argparse
+    import importlib
+    import os
+    import sys
+
+    before = dict(os.environ)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    module = importlib.import_module("bench_plugin_vs_mixtral")
+    os.environ.clear()
+    os.environ.update(before)
+    return module, argparse.Namespace
+
+
+def _shape_args(shape: Shape, experts: int):
+    module, namespace = _plugin_bench()
+    args = namespace(layers=shape.layers, hidden=shape.hidden, width=shape.width, experts=experts, top_k=shape.top_k)
+    if module.shapes(args)["num_key_value_heads"] != shape.kv_heads or shape.head_dim != 64:
+        raise ValueError(f"{shape} does not match bench_plugin_vs_mixtral's attention shapes (H/64 heads, H/256 KV heads)")
+    return module, args
 
 
 def write_unipool(path: Path, shape: Shape, *, seed: int = 0) -> Path:
-    """One global pool of L * E_layer / 2 experts, NormRouter (the UniPool layout)."""
-    return write_tiny_model(path, seed=seed, dtype=DTYPES[shape.dtype], num_experts=shape.pool_size,
-                            layers_per_pool=shape.layers, router_type="norm", **_unipool_overrides(shape))
+    """One global pool of L * E_layer / 2 experts with UniPool's NormRouter."""
+    module, args = _shape_args(shape, shape.pool_size)
+    return write_tiny_model(path, seed=seed, dtype=DTYPES[shape.dtype], router_type="norm",
+                            layers_per_pool=shape.layers, **module.shapes(args))
 
 
 def write_vanilla(path: Path, shape: Shape, *, seed: int = 0) -> Path:
-    """Per-layer pools of E_layer experts (vanilla MoE), softmax router like Mixtral's."""
-    return write_tiny_model(path, seed=seed, dtype=DTYPES[shape.dtype], num_experts=shape.experts_per_layer,
-                            layers_per_pool=1, router_type="softmax", **_unipool_overrides(shape))
+    """Per-layer pools of E_layer experts, Mixtral's routing rule (bench_plugin_vs_mixtral's writer)."""
+    module, args = _shape_args(shape, shape.experts_per_layer)
+    return module.write_unipool(Path(path), args, layers_per_pool=1)
 
 
 def write_mixtral(path: Path, shape: Shape, *, seed: int = 0) -> Path:
-    """vLLM's built-in Mixtral with the vanilla layout's active shapes and expert count."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = write_small_tokenizer(path, vocab_size=min(shape.vocab, 320))
-    config = MixtralConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.width,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim, max_position_embeddings=shape.max_positions,
-        num_local_experts=shape.experts_per_layer, num_experts_per_tok=shape.top_k, initializer_range=0.02,
-        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False,
-    )
-    assert len(tokenizer) <= config.vocab_size
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = MixtralForCausalLM(config)
-    model.to(DTYPES[shape.dtype]).save_pretrained(str(path))
-    return path
+    """vLLM's built-in Mixtral with the vanilla layout's shapes (bench_plugin_vs_mixtral's writer)."""
+    module, args = _shape_args(shape, shape.experts_per_layer)
+    tokenizer_from = Path(path).parent / "vanilla"
+    if not (tokenizer_from / "tokenizer.json").exists():
+        write_vanilla(tokenizer_from, shape)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return module.write_mixtral(Path(path), args, tokenizer_from)
 
 
 def write_profiles(model_dir: Path, out_dir: Path, names=("bias", "exclude", "include")) -> list[str]:
@@ -113,17 +115,17 @@ def write_profiles(model_dir: Path, out_dir: Path, names=("bias", "exclude", "in
     return list(names)
 
 
-def weight_bytes(model_dir: Path) -> dict:
-    """Bytes of every tensor in the checkpoint, split into experts and the rest."""
+def weight_bytes(model_dir: Path, dtype: str) -> dict:
+    """Bytes of every tensor as served in `dtype` (routers stay fp32), split into experts and the rest."""
+    size = DTYPES[dtype].itemsize
     total = experts = 0
     for file in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
             for name in f.keys():
-                sl = f.get_slice(name)
                 numel = 1
-                for d in sl.get_shape():
+                for d in f.get_slice(name).get_shape():
                     numel *= d
-                nbytes = numel * {"BF16": 2, "F16": 2, "F32": 4}[sl.get_dtype()]
+                nbytes = numel * (4 if ".routers." in name else size)
                 total += nbytes
                 if ".experts." in name or ".pools." in name:
                     experts += nbytes

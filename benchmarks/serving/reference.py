@@ -17,8 +17,8 @@ from unipool_serve.kernels.routing_reference import route
 from unipool_serve.model_executor.reference_model import UniPoolForCausalLM
 
 
-def load(model_dir: Path, dtype: torch.dtype | None = None) -> UniPoolForCausalLM:
-    model = UniPoolForCausalLM.from_pretrained(str(model_dir), **({"dtype": dtype} if dtype else {}))
+def load(model_dir: Path, dtype: torch.dtype) -> UniPoolForCausalLM:
+    model = UniPoolForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     return model.eval()
 
 
