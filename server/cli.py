@@ -61,7 +61,8 @@ def _vllm_args(ours: argparse.Namespace, rest: list[str], model: str):
     if ours.help_vllm:
         parser.print_help()
         sys.exit(0)
-    defaults = ["--worker-cls", WORKER_CLS, "--shutdown-timeout", str(ours.grace_period)]
+    defaults = ["--worker-cls", WORKER_CLS, "--shutdown-timeout", str(ours.grace_period),
+                "--served-model-name", Path(model).name]
     given = {arg.split("=")[0] for arg in rest}
     extra = [a for pair in zip(defaults[::2], defaults[1::2]) if pair[0] not in given for a in pair]
     args = parser.parse_args(["--model", model, "--host", ours.host, "--port", str(ours.port), *extra, *rest])

@@ -23,7 +23,7 @@ from .errors import APIError, send_openai_error
 from .profile_store import ProfileStore
 
 STEERED_PATHS = ("/v1/completions", "/v1/chat/completions")
-OPEN_PATHS = ("/health", "/ready", "/metrics", "/ping", "/version")
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/ping", "/version", "/openapi.json", "/docs", "/redoc")
 XARG_NAME, XARG_SLOT, XARG_HASH = "unipool_steering", "unipool_steering_slot", "unipool_steering_hash"
 MAX_BODY_BYTES = 32 << 20
 

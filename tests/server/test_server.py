@@ -131,7 +131,7 @@ def test_profile_admin_api(server):
     assert http.post("/v1/steering/profiles", content=data).status_code == 403  # not admin
     assert admin.post("/v1/steering/profiles", content=data).status_code == 201
     assert (server.steering_dir / "fresh.safetensors").exists()
-    assert _greedy(server.client(), steering="fresh")
+    _greedy(server.client(), steering="fresh")  # accepted: an unknown profile would raise BadRequestError
     assert admin.post("/v1/steering/profiles", content=data).status_code == 409
     assert http.delete("/v1/steering/profiles/fresh").status_code == 403
     assert admin.delete("/v1/steering/profiles/fresh").status_code == 200
@@ -213,7 +213,7 @@ def test_disconnecting_stream_clients_leave_nothing_running(server):
             break
         time.sleep(0.5)
     assert running == 0
-    assert _greedy(server.client())  # still answering
+    _greedy(server.client())  # still answering (raises otherwise)
 
 
 def test_schema_fuzzing_gives_no_5xx(server):
