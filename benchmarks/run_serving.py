@@ -13,6 +13,7 @@ See docs/benchmarks.md for what each comparison means.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -40,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="model and engine dtype (default bfloat16)")
     p.add_argument("--work-dir", type=Path, help="models, logs, raw client results (default: a new temp folder)")
     p.add_argument("--out-dir", type=Path, help="write JSON, plots and the markdown section here instead of docs/")
+    p.add_argument("--from-json", type=Path,
+                   help="re-render plots and the markdown section from a results JSON (no measurement)")
     p.add_argument("--wait-quiet", type=float, default=120,
                    help="seconds to wait at each server start while other vLLM engines run (default 120)")
     return p.parse_args(argv)
@@ -70,6 +73,13 @@ def reference(h: Harness, mode) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        out_dir = args.out_dir
+        json_path = (out_dir or REPO / "docs" / "results") / f"serving-{data['mode']['name']}.json"
+        render(data, json_path, out_dir or REPO / "docs" / "img",
+               (out_dir / "benchmarks.md") if out_dir else REPO / "docs" / "benchmarks.md", out_dir)
+        return 0
     mode = MODES["quick" if args.quick else "smoke" if args.smoke else "full"]
     if args.repeats:
         mode = replace(mode, repeats=args.repeats)
@@ -126,17 +136,20 @@ def main(argv=None) -> int:
         },
         "setup": setup, "servers": h.servers, "points": h.points, "reference": ref,
     }
-    data["ratios"] = ratios(data)
-    prefix = f"serving-{mode.name}-"
-    data["plots"] = plots(data, img_dir, prefix)
     data["meta"]["wall_seconds"] = round(time.time() - t0)
+    render(data, json_path, img_dir, doc, out_dir)
+    return 0
+
+
+def render(data: dict, json_path: Path, img_dir: Path, doc: Path, out_dir: Path | None) -> None:
+    data["meta"]["json_path"] = str(json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path)
+    data["ratios"] = ratios(data)
+    data["plots"] = plots(data, img_dir, f"serving-{data['mode']['name']}-")
     dump(json_path, data)
-    img_rel = "img/" if not out_dir else ""
-    update_doc(doc, markdown(data, img_rel))
-    log(f"done in {data['meta']['wall_seconds']} s: {json_path}, {doc}")
+    update_doc(doc, markdown(data, "img/" if not out_dir else ""))
+    log(f"wrote {json_path}, {doc}, plots in {img_dir}")
     for r in data["ratios"]:
         print(f"  {r['comparison']}: {r['median']:.3f} {['%.3f' % x for x in r['ratios']]}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class Harness:
         label = f"{phase.spec.name}-{kind}-c{concurrency}-r{repeat}"
         n = mode.workload.num_prompts(concurrency, mode.waves)
         server.sampler.mark()
-        summary = vllm_bench(server.base_url, phase.spec.model, mode.workload, concurrency, n,
+        summary = vllm_bench(server.base_url, phase.spec.served_name, phase.spec.model, mode.workload, concurrency, n,
                              self.work / "raw", label, self.logs)
         point = {"server": phase.spec.name, "model": phase.model_key, "repeat": repeat, "kind": kind,
                  "client": "vllm bench serve", "concurrency": concurrency, "num_prompts": n,
@@ -119,7 +119,7 @@ class Harness:
         for state in order:
             profiles = steering_assignment(n, self.profiles) if state == "on" else [None] * n
             server.sampler.mark()
-            summary = steering_load(server.base_url, str(phase.spec.model), prompts, mode.workload.output_len, c, profiles)
+            summary = steering_load(server.base_url, phase.spec.served_name, prompts, mode.workload.output_len, c, profiles)
             self.points.append({"server": phase.spec.name, "model": phase.model_key, "repeat": repeat,
                                 "kind": f"steering-{state}", "client": "steering client", "concurrency": c,
                                 "num_prompts": n, "steered": sum(p is not None for p in profiles),

@@ -47,7 +47,7 @@ def _bench_parser():
     return parser
 
 
-def vllm_bench(base_url: str, model_dir: Path, workload: Workload, concurrency: int, num_prompts: int,
+def vllm_bench(base_url: str, model_name: str, model_dir: Path, workload: Workload, concurrency: int, num_prompts: int,
                result_dir: Path, label: str, log_dir: Path) -> dict:
     """One `vllm bench serve` run (random dataset), called through its Python module.
 
@@ -59,7 +59,8 @@ def vllm_bench(base_url: str, model_dir: Path, workload: Workload, concurrency: 
     result_dir.mkdir(parents=True, exist_ok=True)
     filename = f"{label}.json"
     argv = [
-        "--backend", "vllm", "--base-url", base_url, "--model", str(model_dir),
+        "--backend", "vllm", "--base-url", base_url, "--model", model_name,
+        "--tokenizer", str(model_dir),
         "--dataset-name", "random", "--random-input-len", str(workload.input_len),
         "--random-output-len", str(workload.output_len), "--random-range-ratio", "0",
         "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--seed", str(workload.seed),

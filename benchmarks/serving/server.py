@@ -46,8 +46,13 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
     steering_dir: Path | None = None
 
+    @property
+    def served_name(self) -> str:
+        return self.model.name  # the model folder's name: unipool, vanilla, mixtral
+
     def command(self, port: int) -> list[str]:
-        common = ["--host", "127.0.0.1", "--port", str(port), *self.engine_args]
+        common = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", self.served_name,
+                  *self.engine_args]
         if self.kind == "unipool-serve":
             steer = ["--steering-dir", str(self.steering_dir)] if self.steering_dir else []
             return [str(VENV_BIN / "unipool-serve"), "--model", str(self.model), *steer, *common]
