@@ -140,6 +140,40 @@ def test_profile_admin_api(server):
         _greedy(server.client(), steering="fresh")
 
 
+def test_hot_delete_keeps_running_requests_on_their_profile(server):
+    admin, config = server.http(key=ADMIN_KEY), tiny_config()
+    hot = SteeringProfile.for_config(config, name="hot", bias=torch_bias(config, expert=6), alpha=3.0).to_bytes()
+    other = SteeringProfile.for_config(config, name="other", exclude={l: [6] for l in range(4)}).to_bytes()
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 150, "temperature": 0, "ignore_eos": True,
+            "steering": "hot"}
+    assert admin.post("/v1/steering/profiles", content=hot).status_code == 201
+    expected = server.http().post("/v1/completions", json=body).json()["choices"][0]["text"]
+    result = {}
+
+    def run():
+        result["text"] = server.http().post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.5)
+    assert worker.is_alive()  # the request is still running when its profile is deleted
+    assert admin.delete("/v1/steering/profiles/hot").status_code == 200
+    assert admin.post("/v1/steering/profiles", content=other).status_code == 201  # must not take hot's row
+    worker.join(timeout=120)
+    assert result["text"] == expected
+    with pytest.raises(openai.BadRequestError):
+        _greedy(server.client(), steering="hot")
+    assert admin.delete("/v1/steering/profiles/other").status_code == 200
+
+
+def torch_bias(config, expert):
+    import torch
+
+    bias = torch.zeros(config.num_hidden_layers, config.num_experts)
+    bias[:, expert] = 2.0
+    return bias
+
+
 def test_hostile_uploads_write_nothing(server):
     admin = server.http(key=ADMIN_KEY)
     before = sorted(p.name for p in server.steering_dir.iterdir())

@@ -1,0 +1,170 @@
+"""Per-request steering inside the vLLM engine (steering worker + persistent tables).
+
+One engine with the steering worker for the module, plus one plain engine for the
+"no steering support" baseline. Profiles are pushed the way the server does it
+(`collective_rpc("unipool_set_profile")`) and requests carry the same extra_args.
+"""
+
+import pytest
+import torch
+
+from engine_checks import LOGPROB_TOL, prompts, reference_model, start_engine, stop_engine
+from unipool_serve.model_executor.config import UniPoolConfig
+from unipool_serve.model_executor.steering_profile import SteeringProfile
+from unipool_serve.server.gateway import cache_salt_for
+
+pytestmark = pytest.mark.engine
+
+WORKER = "unipool_serve.model_executor.steering_worker.SteeringWorker"
+LAYOUT = dict(num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, router_type="softmax",
+              norm_topk_prob=True, expert_intermediate_size=64, initializer_range=0.1)
+SEED = 5
+TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_factory):
+    return tiny_model_factory("steering_engine", seed=SEED, **LAYOUT)
+
+
+@pytest.fixture(scope="module")
+def config(model_dir):
+    return UniPoolConfig.from_pretrained(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def profiles(config):
+    L, E = config.num_hidden_layers, config.num_experts
+    bias = torch.zeros(L, E)
+    bias[:, 3], bias[:, 6] = 2.5, -2.5
+    return {
+        "bias": SteeringProfile.for_config(config, name="bias", bias=bias, alpha=1.5),
+        "no-e0": SteeringProfile.for_config(config, name="no-e0", exclude={l: [0] for l in range(L)}),
+        "with-e7": SteeringProfile.for_config(config, name="with-e7", include={l: [7] for l in range(L)},
+                                              bias=torch.randn(L, E, generator=torch.Generator().manual_seed(0))),
+    }
+
+
+@pytest.fixture(scope="module")
+def plain_tokens(model_dir):
+    """Greedy tokens from an engine WITHOUT steering support (default worker)."""
+    llm = start_engine(model_dir)
+    try:
+        return _generate(llm, prompts(seed=11), None, {})
+    finally:
+        stop_engine(llm)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir, profiles, plain_tokens):  # plain_tokens first: never two engines at once
+    engine = start_engine(model_dir, worker_cls=WORKER, enable_prefix_caching=True)
+    slots = {}
+    for slot, (name, profile) in enumerate(profiles.items(), start=1):
+        engine.collective_rpc("unipool_set_profile", args=(slot, profile.bias_rows().tolist(),
+                                                           profile.mask_rows().tolist(), profile.content_hash()[:16]))
+        slots[name] = slot
+    engine.unipool_slots = slots
+    yield engine
+    stop_engine(engine)
+
+
+def _extra(llm, profiles, name):
+    if name is None:
+        return None
+    return {"unipool_steering": name, "unipool_steering_slot": llm.unipool_slots[name],
+            "unipool_steering_hash": profiles[name].content_hash()[:16]}
+
+
+def _generate(llm, prompt_ids, names, profiles):
+    """Greedy tokens; steered requests get the server's cache salt (prefix caching is on)."""
+    from vllm import SamplingParams
+
+    names = names or [None] * len(prompt_ids)
+    params, inputs = [], []
+    for p, name in zip(prompt_ids, names):
+        params.append(SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True,
+                                     extra_args=_extra(llm, profiles, name)))
+        request = {"prompt_token_ids": p}
+        if name is not None:
+            request["cache_salt"] = cache_salt_for(profiles[name].content_hash(), None)
+        inputs.append(request)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(inputs, params, use_tqdm=False)]
+
+
+def _routing_counts(llm):
+    return torch.tensor(llm.collective_rpc("unipool_routing_stats")[0])  # [L, E]
+
+
+@torch.no_grad()
+def _assert_reference_agrees(ref, prompt, tokens, profile):
+    """Teacher-forced greedy check against the reference model steered with the same profile."""
+    kwargs = {}
+    if profile is not None:
+        kwargs = dict(steering_bias=profile.bias_rows()[None], steering_mask=profile.mask_rows()[None])
+    logits = ref(torch.tensor([prompt + tokens]), **kwargs).logits[0].double()
+    lp = torch.log_softmax(logits, -1)[len(prompt) - 1: -1]  # rows predicting each generated token
+    unclear = 0
+    for j, token in enumerate(tokens):
+        top = lp[j].topk(2)
+        if (top.values[0] - top.values[1]).item() <= LOGPROB_TOL:
+            unclear += 1
+            continue
+        assert token == int(top.indices[0]), f"token {j}: engine {token}, reference {int(top.indices[0])}"
+    assert unclear <= 0.1 * len(tokens)
+
+
+def test_no_profile_equals_an_engine_without_steering(llm, plain_tokens):
+    assert _generate(llm, prompts(seed=11), None, {}) == plain_tokens
+
+
+def test_mixed_batch_equals_solo_runs_and_the_reference(llm, profiles, model_dir):
+    ids = prompts(seed=12, lengths=(5, 17, 9, 30, 12, 21, 7, 14))
+    names = [None, "bias", "no-e0", "with-e7", "bias", None, "with-e7", "no-e0"]
+    batch = _generate(llm, ids, names, profiles)
+    for p, name, tokens in zip(ids, names, batch):
+        assert _generate(llm, [p], [name], profiles)[0] == tokens
+    steered_differs = [batch[i] != _generate(llm, [ids[i]], None, profiles)[0] for i in range(len(ids)) if names[i]]
+    assert sum(steered_differs) >= 4  # the profiles really change these tiny models' outputs
+    ref = reference_model(model_dir)
+    for p, name, tokens in zip(ids, names, batch):
+        _assert_reference_agrees(ref, p, tokens, profiles[name] if name else None)
+
+
+def test_exclude_never_routes_and_include_always_routes(llm, profiles, config):
+    ids = prompts(seed=13, lengths=(11, 19))
+    computed = sum(len(p) + TOKENS - 1 for p in ids)  # prefill + every decode input but the last
+    before = _routing_counts(llm)
+    _generate(llm, ids, ["no-e0", "no-e0"], profiles)
+    delta = _routing_counts(llm) - before
+    assert (delta[:, 0] == 0).all() and (delta.sum(1) == computed * config.num_experts_per_tok).all()
+    before = _routing_counts(llm)
+    _generate(llm, ids, ["with-e7", "with-e7"], profiles)
+    delta = _routing_counts(llm) - before
+    assert (delta[:, 7] == computed).all()  # every computed token, every layer
+
+
+def test_prefix_caching_keeps_profiles_apart(llm, profiles, model_dir):
+    shared = prompts(seed=14, lengths=(48,))[0]
+    a, b = shared + [5, 6, 7], shared + [5, 6, 8]
+    first = _generate(llm, [a], ["bias"], profiles)[0]
+    second = _generate(llm, [b], ["no-e0"], profiles)[0]
+    ref = reference_model(model_dir)
+    _assert_reference_agrees(ref, a, first, profiles["bias"])
+    _assert_reference_agrees(ref, b, second, profiles["no-e0"])
+    # the same profile still shares the prefix: same answer again, with cached blocks
+    again = _generate(llm, [b], ["no-e0"], profiles)[0]
+    assert again == second
+
+
+def test_a_replaced_row_is_served_unsteered_not_with_the_wrong_profile(llm, profiles):
+    # A request that names a row whose content hash changed (the API layer prevents this by
+    # pinning rows) must not be steered by whatever now occupies the row.
+    p = prompts(seed=15, lengths=(13,))
+    stale = {"unipool_steering": "bias", "unipool_steering_slot": llm.unipool_slots["bias"],
+             "unipool_steering_hash": "0000000000000000"}
+    from vllm import SamplingParams
+
+    out = llm.generate([{"prompt_token_ids": p[0]}],
+                       SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True, extra_args=stale),
+                       use_tqdm=False)
+    assert list(out[0].outputs[0].token_ids) == _generate(llm, p, None, profiles)[0]
