@@ -323,6 +323,11 @@ def evaluate(out: Path, train_info: dict | None) -> dict:
         "rate_code": [[round(x, 4) for x in row.tolist()] for row in rate_code],
     }
 
+    print("per-expert load (share of tokens; rows = layers, last row = pool):", flush=True)
+    for name, row in [(f"layer {l}", r) for l, r in enumerate(report["expert_load"]["per_layer"])] + [
+            ("pool", report["expert_load"]["pool"])]:
+        print(f"  {name:8s} " + " ".join(f"{x:.3f}" for x in row), flush=True)
+
     profiles = {}
     for target, (r_from, r_to), cal_prompts in (
         ("prose", (rate_code, rate_prose), demo_eval.CALIBRATION_CODE),
