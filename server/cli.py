@@ -63,6 +63,9 @@ def _vllm_args(ours: argparse.Namespace, rest: list[str], model: str):
         sys.exit(0)
     defaults = ["--worker-cls", WORKER_CLS, "--shutdown-timeout", str(ours.grace_period),
                 "--served-model-name", Path(model).name]
+    if Path(model) == DEMO_MODEL:
+        # vLLM would downcast the fp32 demo to bf16; its documented behaviour was measured in fp32.
+        defaults += ["--dtype", "float32"]
     given = {arg.split("=")[0] for arg in rest}
     extra = [a for pair in zip(defaults[::2], defaults[1::2]) if pair[0] not in given for a in pair]
     args = parser.parse_args(["--model", model, "--host", ours.host, "--port", str(ours.port), *extra, *rest])

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from server_launcher import run_server
 
 from unipool_serve.model_executor.steering_profile import SteeringProfile
 from unipool_serve.model_executor.tiny_model import tiny_config
 
 API_KEY, BOUND_KEY, ADMIN_KEY = "user-key", "kid-key", "admin-key"
-SERVER_START_TIMEOUT = 420
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_profiles(model_dir: Path, steering_dir: Path) -> None:
@@ -45,8 +33,9 @@ def _bias(config, expert):
 
 
 class Server:
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path, steering_dir: Path, ready_codes: list[int]):
-        self.url, self.proc, self.log, self.steering_dir, self.ready_codes = url, proc, log, steering_dir, ready_codes
+    def __init__(self, process, steering_dir: Path):
+        self.url, self.proc, self.log, self.ready_codes = process.url, process.proc, process.log, process.ready_codes
+        self.steering_dir = steering_dir
 
     def client(self, key: str | None = API_KEY):
         from openai import OpenAI
@@ -63,35 +52,10 @@ def server(tiny_model_factory, tmp_path_factory):
     model = tiny_model_factory("server-model", seed=0)
     steering_dir = tmp_path_factory.mktemp("server") / "steering"
     write_profiles(model, steering_dir)
-    port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "server.log"
-    env = {**os.environ, "UNIPOOL_METRICS_INTERVAL": "0.5", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [sys.executable, "-m", "unipool_serve.server.cli", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--steering-dir", str(steering_dir), "--api-key", API_KEY,
-           "--api-key", f"{BOUND_KEY}=no-e0", "--admin-key", ADMIN_KEY, "--grace-period", "20",
-           "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "32", "--no-enable-prefix-caching",
-           "--served-model-name", "tiny"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    ready_codes: list[int] = []
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"unipool-serve exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
-            try:
-                code = httpx.get(f"{url}/ready", timeout=5).status_code
-                ready_codes.append(code)
-                if code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"unipool-serve not ready after {SERVER_START_TIMEOUT}s:\n{log.read_text()[-6000:]}")
-        yield Server(url, proc, log, steering_dir, ready_codes)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    args = ["--model", str(model), "--steering-dir", str(steering_dir), "--api-key", API_KEY,
+            "--api-key", f"{BOUND_KEY}=no-e0", "--admin-key", ADMIN_KEY, "--grace-period", "20",
+            "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "32", "--no-enable-prefix-caching",
+            "--served-model-name", "tiny"]
+    with run_server(args, log, env={"UNIPOOL_METRICS_INTERVAL": "0.5", "VLLM_CPU_KVCACHE_SPACE": "1"}) as process:
+        yield Server(process, steering_dir)

@@ -1,0 +1,65 @@
+"""Start a real `unipool-serve` process for a test module and wait until /ready says 200."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+START_TIMEOUT = 420
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    ready_codes: list[int] = field(default_factory=list)
+
+    def tail(self, chars: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+
+@contextlib.contextmanager
+def run_server(args: list[str], log: Path, env: dict[str, str] | None = None):
+    """`unipool-serve ARGS --host 127.0.0.1 --port <free>`; yields a ServerProcess once ready, kills it after."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "unipool_serve.server.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"unipool-serve exited with {proc.returncode}:\n{server.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"unipool-serve not ready after {START_TIMEOUT}s:\n{server.tail()}")
+            try:
+                code = httpx.get(f"{server.url}/ready", timeout=5).status_code
+                server.ready_codes.append(code)
+                if code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield server
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
