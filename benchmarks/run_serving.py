@@ -104,12 +104,15 @@ def main(argv=None) -> int:
     ref = reference(h, mode)
     info = machine_info()
     loads = [x for s in h.servers for x in (s["load_average_before"][0], s["load_average_after"][0])]
-    others = max((s["other_vllm_processes"] for s in h.servers), default=0)
+    loads += [p["load_average_after"] for p in h.points]
+    others = max([s["other_vllm_processes"] for s in h.servers]
+                 + [p["other_vllm_processes_after"] for p in h.points], default=0)
     caveats = []
     if others or max(loads, default=0) > 1.5 * (info["vcpus"] or 1):
         caveats.append(f"Other jobs shared this machine during the run: 1-minute load average {min(loads):.1f}-"
-                       f"{max(loads):.1f} on {info['vcpus']} vCPUs at server starts/stops, up to {others} other "
-                       "vLLM process(es) alive at a server start. Treat differences of a few percent as noise.")
+                       f"{max(loads):.1f} on {info['vcpus']} vCPUs (sampled at server starts/stops and after each point), "
+                       f"up to {others} other vLLM process(es) alive at a server start or at the end of a point. "
+                       "Treat differences of a few percent as noise.")
     caveats += [
         "u_l is not read from the server (it exports cumulative per-expert counts, not per-step sets): it is "
         "measured offline with the reference model on random prompts of the same length, B sequences decoding "
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
                               "server (no torch.compile: it would add ~40-50 s to each of the many starts); random "
                               f"prompts of {mode.workload.input_len} tokens, {mode.workload.output_len} output tokens "
                               f"(ignore_eos), greedy, seed {mode.workload.seed}; prompts per point = "
-                              f"{mode.waves} x concurrency (at least 4); model shapes {asdict(mode.shape)}."),
+                              f"{mode.waves} x concurrency (at least 8); model shapes {asdict(mode.shape)}."),
             "json_path": str(json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path),
             "wall_seconds": None,
         },

@@ -103,7 +103,8 @@ class Harness:
                              self.work / "raw", label, self.logs)
         point = {"server": phase.spec.name, "model": phase.model_key, "repeat": repeat, "kind": kind,
                  "client": "vllm bench serve", "concurrency": concurrency, "num_prompts": n,
-                 "rss_peak_bytes": server.sampler.peak_since_mark, **summary}
+                 "rss_peak_bytes": server.sampler.peak_since_mark, "load_average_after": os.getloadavg()[0],
+                 "other_vllm_processes_after": other_engines_running(), **summary}
         log(f"  {label}: {summary['output_throughput']:.1f} tok/s, TTFT p50 {summary['median_ttft_ms']:.0f} ms, "
             f"ITL p50 {summary['median_itl_ms']:.1f} ms")
         self.points.append(point)
@@ -123,7 +124,9 @@ class Harness:
             self.points.append({"server": phase.spec.name, "model": phase.model_key, "repeat": repeat,
                                 "kind": f"steering-{state}", "client": "steering client", "concurrency": c,
                                 "num_prompts": n, "steered": sum(p is not None for p in profiles),
-                                "rss_peak_bytes": server.sampler.peak_since_mark, **summary})
+                                "rss_peak_bytes": server.sampler.peak_since_mark,
+                                "load_average_after": os.getloadavg()[0],
+                                "other_vllm_processes_after": other_engines_running(), **summary})
             log(f"  steering {state}: {summary['output_throughput']:.1f} tok/s, ITL p50 {summary['median_itl_ms']:.1f} ms")
 
     def run_phase(self, phase: Phase, repeat: int) -> None:

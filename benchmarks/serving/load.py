@@ -31,8 +31,8 @@ class Workload:
     output_len: int
     seed: int = 0
 
-    def num_prompts(self, concurrency: int, waves: int) -> int:
-        return max(4, waves * concurrency)
+    def num_prompts(self, concurrency: int, waves: int, minimum: int = 8) -> int:
+        return max(minimum, waves * concurrency)
 
 
 def _bench_parser():

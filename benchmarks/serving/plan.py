@@ -31,7 +31,7 @@ class Mode:
     budget_at: int  # concurrency of the memory-budget comparison
     budget_kv_seqs: int  # sequences the vanilla layout's KV room holds under the budget
     repeats: int
-    waves: int  # prompts per point = waves x concurrency (at least 4)
+    waves: int  # prompts per point = waves x concurrency (at least 8)
     comparisons: tuple[str, ...] = COMPARISONS
     engine_args: tuple[str, ...] = tuple(ENGINE_ARGS)
 
@@ -45,11 +45,11 @@ class Mode:
 
 MODES = {
     "full": Mode("full", QUICK_SHAPE, Workload(128, 64), (1, 8, 32, 128), compare_at=32, budget_at=32,
-                 budget_kv_seqs=8, repeats=3, waves=2),
+                 budget_kv_seqs=8, repeats=3, waves=4),
     "quick": Mode("quick", QUICK_SHAPE, Workload(128, 64), (1, 8), compare_at=8, budget_at=16,
-                  budget_kv_seqs=4, repeats=1, waves=2),
+                  budget_kv_seqs=4, repeats=1, waves=4),
     "smoke": Mode("smoke", SMOKE_SHAPE, Workload(32, 8), (1,), compare_at=1, budget_at=4, budget_kv_seqs=1,
-                  repeats=1, waves=4, comparisons=("steering",)),
+                  repeats=1, waves=8, comparisons=("steering",)),
 }
 
 
