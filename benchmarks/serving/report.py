@@ -170,11 +170,12 @@ def plots(data: dict, out_dir: Path, prefix: str) -> list[str]:
     if sweep:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
         for ax, key, label in zip(axes, ("output_throughput", "median_ttft_ms", "median_itl_ms"),
-                                  ("output tokens/s", "TTFT p50 (ms)", "ITL p50 (ms)")):
+                                  ("output tokens/s", "TTFT p50 (ms)", "inter-token latency (ms)")):
             cs = sorted({p["concurrency"] for p in sweep})
             for p in sweep:
                 ax.scatter(p["concurrency"], p[key], color="tab:blue", alpha=0.5, s=14)
-            ax.plot(cs, [statistics.median(p[key] for p in sweep if p["concurrency"] == c) for c in cs], "o-")
+            ax.plot(cs, [statistics.median(p[key] for p in sweep if p["concurrency"] == c) for c in cs], "o-",
+                    label="p50")
             if key == "median_itl_ms":
                 ax.plot(cs, [statistics.median(p["p99_itl_ms"] for p in sweep if p["concurrency"] == c) for c in cs],
                         "s--", label="p99")
