@@ -87,6 +87,9 @@ class SteeringGateway:
                 return await self.app(scope, receive, send)
             body = await _read_body(receive)
             body, active = self._rewrite(body, bound)
+            # the body may have changed size: keep the header truthful for whatever reads it
+            scope["headers"] = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
+            scope["headers"].append((b"content-length", str(len(body)).encode()))
         except APIError as err:
             if err.param == "steering" and self.on_steering_error is not None:
                 self.on_steering_error(str(err.code))

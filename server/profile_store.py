@@ -132,4 +132,4 @@ class ProfileStore:
             if slot not in used:
                 return slot
         raise APIError(409, f"all {self.max_profiles} steering slots are in use; delete a profile first "
-                       "(or start the server with a larger UNIPOOL_MAX_PROFILES)", code="steering_slots_full")
+                       "(or start the server with a larger UNIPOOL_MAX_STEERING_PROFILES)", code="steering_slots_full")
