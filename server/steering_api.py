@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -31,8 +33,6 @@ def _require_admin(request: Request) -> None:
 
 def _api(handler):
     """Turn APIError and profile errors into the OpenAI envelope."""
-    import functools
-
     @functools.wraps(handler)
     async def wrapper(*args, **kwargs):
         try:

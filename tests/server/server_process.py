@@ -20,15 +20,16 @@ def write_profiles(model_dir: Path, steering_dir: Path) -> None:
     for name, exclude in (("no-e0", [0]), ("no-e1", [1])):
         SteeringProfile.for_config(config, name=name, exclude={l: exclude for l in range(config.num_hidden_layers)},
                                    description=f"never route to expert {exclude[0]}").save(steering_dir / f"{name}.safetensors")
-    SteeringProfile.for_config(config, name="push-e5", bias=_bias(config, 5), alpha=2.0).save(steering_dir / "push-e5.safetensors")
+    SteeringProfile.for_config(config, name="push-e5", bias=expert_bias(config, 5, 3.0), alpha=2.0).save(steering_dir / "push-e5.safetensors")
     (steering_dir / "broken.safetensors").write_bytes(b"not a profile")
 
 
-def _bias(config, expert):
+def expert_bias(config, expert: int, value: float):
+    """A [L, E] bias that pushes one expert in every layer."""
     import torch
 
     bias = torch.zeros(config.num_hidden_layers, config.num_experts)
-    bias[:, expert] = 3.0
+    bias[:, expert] = value
     return bias
 
 

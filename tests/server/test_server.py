@@ -19,7 +19,7 @@ import pytest
 from unipool_serve.model_executor.steering_profile import SteeringProfile
 from unipool_serve.model_executor.tiny_model import tiny_config
 
-from server_process import ADMIN_KEY, API_KEY, BOUND_KEY
+from server_process import ADMIN_KEY, API_KEY, BOUND_KEY, expert_bias
 
 pytestmark = pytest.mark.server
 PROMPT = "def add(a, b):"
@@ -142,7 +142,7 @@ def test_profile_admin_api(server):
 
 def test_hot_delete_keeps_running_requests_on_their_profile(server):
     admin, config = server.http(key=ADMIN_KEY), tiny_config()
-    hot = SteeringProfile.for_config(config, name="hot", bias=torch_bias(config, expert=6), alpha=3.0).to_bytes()
+    hot = SteeringProfile.for_config(config, name="hot", bias=expert_bias(config, 6, 2.0), alpha=3.0).to_bytes()
     other = SteeringProfile.for_config(config, name="other", exclude={l: [6] for l in range(4)}).to_bytes()
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 150, "temperature": 0, "ignore_eos": True,
             "steering": "hot"}
@@ -164,14 +164,6 @@ def test_hot_delete_keeps_running_requests_on_their_profile(server):
     with pytest.raises(openai.BadRequestError):
         _greedy(server.client(), steering="hot")
     assert admin.delete("/v1/steering/profiles/other").status_code == 200
-
-
-def torch_bias(config, expert):
-    import torch
-
-    bias = torch.zeros(config.num_hidden_layers, config.num_experts)
-    bias[:, expert] = 2.0
-    return bias
 
 
 def test_hostile_uploads_write_nothing(server):
