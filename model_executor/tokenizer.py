@@ -28,14 +28,23 @@ _SAMPLE_TEXT = [
 ]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE with <pad>=0, <s>=1, </s>=2 and wrap it for transformers/vLLM."""
+def ascii_alphabet() -> list[str]:
+    """The byte-level symbols of printable ASCII, tab and newline."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return sorted({byte_level.pre_tokenize_str(chr(b))[0][0] for b in [9, 10, *range(32, 127)]})
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, alphabet: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE with <pad>=0, <s>=1, </s>=2 and wrap it for transformers/vLLM.
+
+    `alphabet` defaults to all 256 bytes; characters outside it are dropped when encoding.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if alphabet is None else alphabet, show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
@@ -44,8 +53,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
-def write_small_tokenizer(path: str | Path, vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A small tokenizer trained on a few built-in lines (for tests and tiny models)."""
-    tokenizer = train_tokenizer(_SAMPLE_TEXT * 4, vocab_size)
+def write_small_tokenizer(path: str | Path, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A tokenizer of exactly `vocab_size` tokens, trained on a few built-in lines (tiny models).
+
+    Every id decodes to text, whatever a random model emits: the alphabet is ASCII (a
+    byte-level token can never be half of a UTF-8 character, which a detokenizer holds
+    back), and when BPE saturates below `vocab_size` the rest are plain added tokens
+    `<tok_N>` rather than ids the tokenizer does not know.
+    """
+    tokenizer = train_tokenizer(_SAMPLE_TEXT * 4, vocab_size, alphabet=ascii_alphabet())
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's base ({len(tokenizer)} tokens)")
+    tokenizer.add_tokens([f"<tok_{i}>" for i in range(len(tokenizer), vocab_size)])
     tokenizer.save_pretrained(str(path))
     return tokenizer

@@ -19,6 +19,7 @@ from pathlib import Path
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "unipool-demo"
 WORKER_CLS = "unipool_serve.model_executor.steering_worker.SteeringWorker"
 PLUGINS = "unipool,unipool_api"
+KV_CACHE_MIN, KV_CACHE_MAX = 1 << 29, 8 << 30  # bounds of the automatic CPU KV-cache size
 
 
 def our_parser() -> argparse.ArgumentParser:
@@ -70,7 +71,30 @@ def _vllm_args(ours: argparse.Namespace, rest: list[str], model: str):
     extra = [a for pair in zip(defaults[::2], defaults[1::2]) if pair[0] not in given for a in pair]
     args = parser.parse_args(["--model", model, "--host", ours.host, "--port", str(ours.port), *extra, *rest])
     validate_parsed_serve_args(args)
+    size_cpu_kv_cache(args)
     return args
+
+
+def size_cpu_kv_cache(args) -> None:
+    """On CPU with no KV-cache size given, take a quarter of the memory free now (0.5-8 GiB).
+
+    vLLM's CPU default asks for 92% of the NUMA node's memory and refuses to start on a
+    machine where anything else runs; a quarter of what is free leaves room for the
+    weights and for the rest of the machine.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or args.kv_cache_memory_bytes is not None \
+            or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+    node = get_allowed_cpu_list()[0].numa_node
+    available = get_memory_node_info(node).available_memory
+    args.kv_cache_memory_bytes = int(min(max(available // 4, KV_CACHE_MIN), KV_CACHE_MAX))
+    print(f"unipool-serve: KV cache {args.kv_cache_memory_bytes / 2**30:.1f} GiB (a quarter of the "
+          f"{available / 2**30:.1f} GiB free on NUMA node {node}; set --kv-cache-memory-bytes or "
+          "VLLM_CPU_KVCACHE_SPACE to choose)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,9 @@
 Routing counts are accumulated on the device inside the model (per layer and pool
 expert, over the tokens the model computed in real steps: prefix-cache hits are
 never computed, warm-up and dummy runs are excluded by a baseline taken at start)
-and read by this process every `interval` seconds through one `collective_rpc`.
-Nothing is done per token on the host.
+and read by this process through one `collective_rpc`: on every scrape of /metrics
+(so a scrape always reports every token computed before it), and every `interval`
+seconds for the per-interval gauges. Nothing is done per token on the host.
 
 Exported (see deploy/observability/metric_names.txt):
   unipool_expert_tokens_total{pool,expert}   counter  token-slots routed (tokens x layers x top-k)
@@ -37,11 +38,12 @@ class PoolMetrics:
         self.num_experts = num_experts
         self.interval = interval
         self.baseline: torch.Tensor | None = None  # [L, E] counts before serving started
-        self.previous: torch.Tensor | None = None
-        self.total = torch.zeros(len(layer_to_pool), num_experts, dtype=torch.int64)
+        self.total = torch.zeros(len(layer_to_pool), num_experts, dtype=torch.int64)  # since serving started
+        self.interval_start: torch.Tensor | None = None  # self.total when the last interval began
         self.layer_imbalance: dict[int, float] = {}
         self.layer_entropy: dict[int, float] = {}
         self.pool_active: dict[int, float] = {}
+        self._reading = asyncio.Lock()  # one RPC at a time, whoever asks
         self.requests = Counter("unipool_steering_requests", "Requests admitted, by steering profile",
                                 ["profile"], registry=registry)
         self.errors = Counter("unipool_steering_errors", "Requests rejected for steering reasons",
@@ -50,25 +52,29 @@ class PoolMetrics:
 
     # ---- reading the engine -------------------------------------------------
     async def poll_forever(self, engine_client) -> None:
+        """Every `interval` seconds: refresh the counts and the per-interval gauges."""
         while True:
             try:
-                await self.refresh(engine_client)
+                self.update_gauges(await self.refresh(engine_client))
             except Exception:  # noqa: BLE001 - metrics must never take the server down
                 logger.exception("reading routing statistics failed")
             await asyncio.sleep(self.interval)
 
-    async def refresh(self, engine_client) -> None:
-        results = await engine_client.collective_rpc(STATS_RPC)
+    async def refresh(self, engine_client) -> torch.Tensor:
+        """Read the engine's cumulative counts; returns (and keeps) the total since serving started."""
+        async with self._reading:
+            results = await engine_client.collective_rpc(STATS_RPC)
         counts = torch.as_tensor(results[0], dtype=torch.int64)  # [L, E]; every TP rank routes alike
         if self.baseline is None:
             self.baseline = counts.clone()
-        self.update(counts - self.baseline)
+        self.total = counts - self.baseline
+        return self.total
 
-    def update(self, total: torch.Tensor) -> None:
+    def update_gauges(self, total: torch.Tensor) -> None:
         """total: [L, E] token-slots per layer and pool expert since serving started."""
-        delta = total - (self.previous if self.previous is not None else torch.zeros_like(total))
-        self.previous, self.total = total, total
-        per_layer = delta.double()
+        start = self.interval_start if self.interval_start is not None else torch.zeros_like(total)
+        self.interval_start = total.clone()
+        per_layer = (total - start).double()
         for layer, row in enumerate(per_layer):
             tokens = row.sum().item()
             if tokens <= 0:

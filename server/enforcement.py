@@ -1,0 +1,137 @@
+"""The one steering enforcement point: every request the API process submits to the engine passes here.
+
+vLLM's serving routes each call the engine client themselves (completions, chat, batch
+chat, responses, messages, invocations, generative scoring, beam search, scale-out
+generate, ...), and every one of them ends in the engine-core client's
+`add_request_async(EngineCoreRequest)`, after input processing and after the n > 1
+fan-out. `SteeringEnforcer.install` wraps that one method; for each engine request it
+  1. decides the effective profile: the API key's bound profile (mandatory), else the one
+     the request asked for (the body's `steering` field, which the gateway captured into
+     the request context, or `vllm_xargs.steering`), else none;
+  2. removes every reserved `unipool_*` key a client could have placed in `extra_args` and
+     writes its own, signed (model_executor/steering/contract.py);
+  3. sets `cache_salt` from the profile's content, so KV blocks are shared only between
+     requests under the same effective profile;
+  4. pins the profile's engine row until the request has left the engine.
+Deny by default: a request submitted outside any request context of the gateway is
+refused, and so is a pooling request (it has no sampling parameters to carry a profile)
+for which a profile is in effect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import msgspec
+
+from unipool_serve.model_executor.steering import contract
+
+from .profile_store import ProfileStore, UnknownProfile
+
+logger = logging.getLogger("unipool_serve.server")
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Who sent the HTTP request being served, and the profile its body asked for."""
+
+    bound: str | None = None  # the API key's mandatory profile
+    asked: str | None = None  # the body's top-level `steering` field
+    is_admin: bool = False
+
+
+# Set by the gateway for the duration of each HTTP or WebSocket request. Tasks a route
+# starts (streaming, background responses) inherit it; AsyncLLM's output handler, which
+# serves every request, must never read it.
+CURRENT_REQUEST: ContextVar[RequestContext | None] = ContextVar("unipool_request", default=None)
+
+
+class SteeringRefused(Exception):
+    """Raised into vLLM's request path; `as_vllm_error` gives vLLM's client-error type."""
+
+    def __init__(self, status: int, message: str, reason: str):
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
+
+def resolve_profile(ctx: RequestContext, in_xargs: str | None) -> str | None:
+    """The effective profile name for a request (see the module doc), or raises SteeringRefused."""
+    asked = {name for name in (ctx.asked, in_xargs) if name is not None}
+    if any(not isinstance(name, str) for name in asked):
+        raise SteeringRefused(400, "'steering' must be a profile name (a string)", "invalid_steering_field")
+    if len(asked) > 1:
+        raise SteeringRefused(400, f"conflicting steering profiles {sorted(asked)}", "conflicting_steering")
+    name = next(iter(asked), None)
+    if ctx.bound is not None:
+        if name is not None and name != ctx.bound:
+            raise SteeringRefused(403, f"this API key is bound to steering profile {ctx.bound!r}; it cannot be "
+                                  "overridden", "steering_override_forbidden")
+        return ctx.bound
+    return name
+
+
+class SteeringEnforcer:
+    """Wraps the engine-core client's `add_request_async` (see the module doc)."""
+
+    def __init__(self, store: ProfileStore, secret: bytes, on_admit: Callable[[str | None], None] | None = None,
+                 on_refuse: Callable[[str], None] | None = None):
+        self.store, self.secret = store, secret
+        self.on_admit, self.on_refuse = on_admit, on_refuse
+
+    def install(self, engine_core) -> None:
+        submit = engine_core.add_request_async
+
+        async def add_request_async(request):
+            try:
+                self.apply(request)
+            except SteeringRefused as refused:
+                if self.on_refuse is not None:
+                    self.on_refuse(refused.reason)
+                raise as_vllm_error(refused) from None
+            return await submit(request)
+
+        engine_core.add_request_async = add_request_async  # instance attribute: this client only
+
+    def apply(self, request) -> None:
+        """Rewrite one EngineCoreRequest in place: steering fields, cache salt, row pin."""
+        if getattr(request, "abort_immediately", False):
+            return  # never scheduled: runs nothing, shares no KV
+        ctx = CURRENT_REQUEST.get()
+        if ctx is None:
+            raise SteeringRefused(403, "request submitted outside any API request: refused", "no_request_context")
+        params = request.sampling_params
+        if params is None:  # a pooling request
+            if ctx.bound is not None or ctx.asked is not None:
+                raise SteeringRefused(403, "steering profiles apply to generation only; this route cannot run "
+                                      "under a profile", "steering_unsupported_route")
+            return
+        extra = dict(params.extra_args or {})
+        name = resolve_profile(ctx, extra.pop(contract.REQUEST_FIELD, None))
+        extra = {key: value for key, value in extra.items() if not contract.is_reserved(key)}
+        if name is not None:
+            try:
+                active = self.store.get(name)
+            except UnknownProfile as exc:
+                raise SteeringRefused(400, str(exc), exc.code) from None
+            row_digest = contract.digest(active.content_hash)
+            extra.update(contract.steering_args(self.secret, request.request_id, name, active.slot, row_digest))
+            request.cache_salt = contract.cache_salt(self.secret, active.content_hash, request.cache_salt)
+            self.store.pin(active, request.request_id)
+        # A fresh SamplingParams per engine request: vLLM may share one object between the
+        # children of an n > 1 request or the beams of a beam search.
+        request.sampling_params = msgspec.structs.replace(params, extra_args=extra or None)
+        if self.on_admit is not None:
+            self.on_admit(name)
+
+
+def as_vllm_error(refused: SteeringRefused) -> Exception:
+    """The vLLM exception its serving routes turn into this status in the OpenAI envelope."""
+    from vllm.exceptions import GracefulHTTPError, VLLMValidationError
+
+    if refused.status == 400:
+        return VLLMValidationError(str(refused), parameter="steering")
+    return GracefulHTTPError(str(refused), HTTPStatus(refused.status))
