@@ -27,7 +27,7 @@ COPY . .
 # vllm, torch and triton are pinned to the versions the image ships, so pip either
 # keeps them or fails loudly (no `[cuda]` extra, no second vLLM). Editable, so the
 # sources stay here and the demo model is found beside them
-# (model_executor/demo_eval.py looks in ../models/unipool-demo).
+# (demo/eval.py looks in ../models/unipool-demo).
 RUN python3 -m pip list --format=freeze \
         | grep -iE '^(vllm|torch|triton)==' > /tmp/image-pins.txt \
     && python3 -m pip install --no-cache-dir --constraint /tmp/image-pins.txt --editable . \

@@ -40,7 +40,7 @@ SHAPE_469M = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=24, num_
 def import_package():
     """`unipool_serve` if installed, else the repository folders mapped onto that namespace."""
     try:
-        import unipool_serve.model_executor.reference_model  # noqa: F401
+        import unipool_serve.model_executor.reference.model  # noqa: F401
         return
     except ImportError:
         pass
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     from unipool_serve.kernels.moe_reference import pool_moe
     from unipool_serve.kernels.routing_reference import route
     from unipool_serve.model_executor.config import UniPoolConfig
-    from unipool_serve.model_executor.reference_model import UniPoolForCausalLM
+    from unipool_serve.model_executor.reference.model import UniPoolForCausalLM
 
     torch.manual_seed(0)
     config = UniPoolConfig(**SHAPE_469M)

@@ -39,7 +39,7 @@ def shapes(args) -> dict:
 
 
 def write_unipool(path: Path, args, layers_per_pool: int) -> Path:
-    from unipool_serve.model_executor.tiny_model import write_tiny_model
+    from unipool_serve.demo.tiny_model import write_tiny_model
 
     return write_tiny_model(path, seed=0, router_type="softmax", norm_topk_prob=True,
                             layers_per_pool=layers_per_pool, **shapes(args))

@@ -1,19 +1,22 @@
 """Kernels for shared-pool MoE serving: torch references and their Triton versions.
 
+- routing_spec: what a routing call is given (router kinds, routing constants, steering rows).
 - route / route_with_table, pool_moe: plain torch, the semantics and the fallback.
 - fused_route, fused_pool_moe: Triton (imported on first access, so importing this
   package never imports triton).
-- dispatch_route_with_table, dispatch_pool_moe: Triton on CUDA tensors, the torch
-  reference elsewhere (or everywhere with UNIPOOL_KERNELS=torch).
+Which implementation serves a model is chosen once, by the model's backend
+(model_executor/moe_backend.py), not here.
 """
 
-from .dispatch import dispatch_pool_moe, dispatch_route_with_table
 from .moe_reference import pool_moe
 from .routing_reference import route, route_with_table
+from .routing_spec import ROUTER_KINDS, RouterKind, RoutingSpec, SteeringView
 
 __all__ = [
-    "dispatch_pool_moe",
-    "dispatch_route_with_table",
+    "ROUTER_KINDS",
+    "RouterKind",
+    "RoutingSpec",
+    "SteeringView",
     "fused_pool_moe",
     "fused_route",
     "pool_moe",

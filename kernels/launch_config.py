@@ -1,6 +1,7 @@
 """Launch parameters for the fused pool MoE, tuned per shape and device.
 
-Tuned files live in kernels/configs/ (or $UNIPOOL_MOE_CONFIG_DIR), one per
+Tuned files live in kernels/configs/ (and in folders added with `use_config_dir`; the
+plugin adds $UNIPOOL_MOE_CONFIG_DIR), one per
 (E, H, F, k, dtype, device), e.g.
 `E=192,H=1024,F=4096,k=1,dtype=bfloat16,device=NVIDIA_H100_80GB_HBM3.json`,
 holding {"<token count>": {"BLOCK_M": .., "BLOCK_N": .., "BLOCK_K": .., "GROUP_M": ..,
@@ -13,14 +14,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-CONFIG_DIR_ENV = "UNIPOOL_MOE_CONFIG_DIR"
 _PACKAGED_DIR = Path(__file__).parent / "configs"
+_extra_dirs: list[Path] = []  # searched before the packaged folder, newest first
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,14 @@ def config_file_name(E: int, H: int, F: int, k: int, dtype: torch.dtype, device:
     return f"E={E},H={H},F={F},k={k},dtype={dtype_name(dtype)},device={device}.json"
 
 
+def use_config_dir(folder: str | Path) -> None:
+    """Search `folder` for tuned files before the packaged ones (kernels read no environment)."""
+    _extra_dirs.insert(0, Path(folder))
+    load_tuned_configs.cache_clear()
+
+
 def config_dirs() -> list[Path]:
-    override = os.environ.get(CONFIG_DIR_ENV)
-    return ([Path(override)] if override else []) + [_PACKAGED_DIR]
+    return [*_extra_dirs, _PACKAGED_DIR]
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-ROUTER_IDS = {"norm": 0, "softmax": 1, "sigmoid": 2}
+from .routing_spec import RoutingSpec, SteeringView
+
 MAX_EXPERTS = 4096  # the tile is held in registers; beyond this it would spill
 
 
@@ -26,7 +27,8 @@ def _route_kernel(
     num_tokens, num_experts, layer, stride_lt,
     stride_bp, stride_bl, stride_mp, stride_ml,
     norm_scale, norm_c,
-    ROUTER: tl.constexpr, RENORMALIZE: tl.constexpr, SCALE_IN_MEMORY: tl.constexpr,
+    ROUTER: tl.constexpr, EXCLUDE_FILL: tl.constexpr, RENORMALIZE: tl.constexpr,
+    SCALE_IN_MEMORY: tl.constexpr, STEERED: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] token ids
@@ -37,40 +39,45 @@ def _route_kernel(
 
     z = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :], mask=ok, other=0.0)
     z = z.to(tl.float32)  # [BT, BE]
-    profile = tl.load(steer_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BT]
-    bias = tl.load(bias_ptr + profile[:, None] * stride_bp + layer * stride_bl + cols[None, :], mask=ok, other=0.0)
-    mask = tl.load(mask_ptr + profile[:, None] * stride_mp + layer * stride_ml + cols[None, :], mask=ok, other=0)
-    include = (mask == 1) & ok
-    exclude = (mask == -1) & ok
+    if STEERED:
+        profile = tl.load(steer_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BT]
+        bias = tl.load(bias_ptr + profile[:, None] * stride_bp + layer * stride_bl + cols[None, :], mask=ok,
+                       other=0.0)
+        mask = tl.load(mask_ptr + profile[:, None] * stride_mp + layer * stride_ml + cols[None, :], mask=ok, other=0)
+        include = (mask == 1) & ok
+        exclude = (mask == -1) & ok
 
-    # MASCing: sigma is the population std of THIS token's raw logits (padding lanes are 0).
-    mean = tl.sum(z, axis=1) / num_experts  # [BT]
-    centred = tl.where(ok, z - mean[:, None], 0.0)
-    sigma = tl.sqrt(tl.sum(centred * centred, axis=1) / num_experts)  # [BT]
-    z = z + sigma[:, None] * bias
+        # MASCing: sigma is the population std of THIS token's raw logits (padding lanes are 0).
+        mean = tl.sum(z, axis=1) / num_experts  # [BT]
+        centred = tl.where(ok, z - mean[:, None], 0.0)
+        sigma = tl.sqrt(tl.sum(centred * centred, axis=1) / num_experts)  # [BT]
+        z = z + sigma[:, None] * bias
 
-    # SteerMoE: includes are lifted to the highest non-excluded steered logit.
-    ceiling = tl.max(tl.where(ok & (~exclude), z, float("-inf")), axis=1)  # [BT]
-    z = tl.where(include, ceiling[:, None], z)
+        # SteerMoE: includes are lifted to the highest non-excluded steered logit.
+        ceiling = tl.max(tl.where(ok & (~exclude), z, float("-inf")), axis=1)  # [BT]
+        z = tl.where(include, ceiling[:, None], z)
+    else:
+        include = cols[None, :] < 0  # all False: nothing included or excluded
+        exclude = include
 
-    if ROUTER == 0:  # norm: excluded logits zeroed before the L2 norm
-        z = tl.where(exclude | (~ok), 0.0, z)
+    z = tl.where(exclude, EXCLUDE_FILL, z)  # removed from the score function (routing_spec.ROUTER_KINDS)
+    if ROUTER == 0:  # norm: padding lanes are 0, so they add nothing to the L2 norm
+        z = tl.where(ok, z, 0.0)
         l2 = tl.sqrt(tl.sum(z * z, axis=1))  # [BT]
         if SCALE_IN_MEMORY:
             scale = tl.load(scale_ptr).to(tl.float32) * norm_c
         else:
             scale = norm_scale  # host folded sigma_r * c, as the reference does in Python
         scores = scale * tl.maximum(z / (l2[:, None] + 1e-8), 0.0)
-    elif ROUTER == 1:  # softmax: excluded logits are -inf
-        z = tl.where(exclude | (~ok), float("-inf"), z)
+    elif ROUTER == 1:  # softmax: padding lanes are -inf, so they add nothing to the sum
+        z = tl.where(ok, z, float("-inf"))
         top = tl.max(z, axis=1)  # [BT]
         top = tl.where(top == float("-inf"), 0.0, top)  # all-excluded rows: no inf - inf
         num = tl.exp(z - top[:, None])
         total = tl.where(row_ok, tl.sum(num, axis=1), 1.0)  # rows past T would divide 0 by 0
         scores = num / total[:, None]
-    else:  # sigmoid: excluded scores are 0
+    else:  # sigmoid
         scores = 1.0 / (1.0 + tl.exp(-z))
-        scores = tl.where(exclude, 0.0, scores)
 
     key = tl.where(include, float("inf"), tl.where(exclude, float("-inf"), scores))
     # k argmax passes; `taken` rather than overwriting the key, so -inf (excluded)
@@ -100,46 +107,44 @@ def _route_kernel(
 
 def fused_route(
     logits: torch.Tensor,
-    steering_index: torch.Tensor,
-    bias_table: torch.Tensor,
-    mask_table: torch.Tensor,
+    steering: SteeringView | None,
     layer: int,
-    top_k: int,
-    router_type: str,
+    spec: RoutingSpec,
+    scale: float | torch.Tensor = 1.0,
     *,
-    renormalize: bool = False,
-    norm_scale: float | torch.Tensor = 1.0,
-    norm_c: float = 1.0,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton `route_with_table`: returns (topk_ids [T, k] int32, topk_weights [T, k] fp32).
 
-    logits [T, E] fp32/bf16/fp16 (row stride free, unit column stride);
-    steering_index [T] int32; bias_table [P+1, L, E] fp32; mask_table [P+1, L, E] int8.
-    `out` lets callers pass preallocated (ids, weights) buffers.
+    logits [T, E] fp32/bf16/fp16 (row stride free, unit column stride); steering: the
+    step's rows (index [T] int32, bias [P+1, L, E] fp32, mask [P+1, L, E] int8) or None;
+    scale: the router's learned scale (a device tensor is read on the device: no host
+    sync). `out` lets callers pass preallocated (ids, weights) buffers.
     """
-    if router_type not in ROUTER_IDS:
-        raise ValueError(f"unknown router_type {router_type!r}; expected norm, softmax or sigmoid")
+    top_k, kind = spec.top_k, spec.kind
     assert logits.dim() == 2 and logits.stride(1) == 1, "logits must be [T, E] with unit column stride"
     assert logits.dtype in (torch.float32, torch.bfloat16, torch.float16), logits.dtype
     num_tokens, num_experts = logits.shape
     assert 1 <= num_experts <= MAX_EXPERTS, f"E={num_experts} outside 1..{MAX_EXPERTS}"
     assert 1 <= top_k <= num_experts, f"top_k={top_k} must be in 1..E={num_experts}"
-    assert steering_index.shape == (num_tokens,) and steering_index.dtype == torch.int32
-    assert steering_index.is_contiguous()
-    for name, table, dtype in (("bias_table", bias_table, torch.float32), ("mask_table", mask_table, torch.int8)):
-        assert table.dim() == 3 and table.shape[2] == num_experts, f"{name} must be [P+1, L, E]: {tuple(table.shape)}"
-        assert table.dtype == dtype and table.stride(2) == 1, f"{name}: {dtype} with unit expert stride"
-        assert table.device == logits.device
-    assert bias_table.shape == mask_table.shape
-    assert 0 <= layer < bias_table.shape[1], f"layer {layer} outside 0..{bias_table.shape[1] - 1}"
+    if steering is not None:
+        index, bias_table, mask_table = steering
+        assert index.shape == (num_tokens,) and index.dtype == torch.int32 and index.is_contiguous()
+        for name, table, dtype in (("bias", bias_table, torch.float32), ("mask", mask_table, torch.int8)):
+            assert table.dim() == 3 and table.shape[2] == num_experts, f"{name} must be [P+1, L, E]: {tuple(table.shape)}"
+            assert table.dtype == dtype and table.stride(2) == 1, f"{name}: {dtype} with unit expert stride"
+            assert table.device == logits.device
+        assert bias_table.shape == mask_table.shape
+        assert 0 <= layer < bias_table.shape[1], f"layer {layer} outside 0..{bias_table.shape[1] - 1}"
+    else:  # any tensors will do: the kernel reads none of them
+        index, bias_table, mask_table = logits, logits.view(1, *logits.shape), logits.view(1, *logits.shape)
 
-    scale_in_memory = isinstance(norm_scale, torch.Tensor)
+    scale_in_memory = kind.learned_scale and isinstance(scale, torch.Tensor)
     if scale_in_memory:
-        assert norm_scale.numel() == 1 and norm_scale.device == logits.device
-        scale_arg, scale_ptr = 0.0, norm_scale.detach()  # read on device: no host sync
+        assert scale.numel() == 1 and scale.device == logits.device
+        scale_arg, scale_ptr = 0.0, scale.detach()  # read on device: no host sync
     else:
-        scale_arg, scale_ptr = float(norm_scale) * float(norm_c), logits
+        scale_arg, scale_ptr = (float(scale) * spec.norm_c if kind.learned_scale else 1.0), logits
 
     if out is None:
         ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
@@ -156,12 +161,13 @@ def fused_route(
     block_t = max(1, min(64, 2048 // block_e, triton.next_power_of_2(num_tokens)))
     grid = (triton.cdiv(num_tokens, block_t),)
     _route_kernel[grid](
-        logits, steering_index, bias_table, mask_table, scale_ptr, ids, weights,
+        logits, index, bias_table, mask_table, scale_ptr, ids, weights,
         num_tokens, num_experts, layer, logits.stride(0),
         bias_table.stride(0), bias_table.stride(1), mask_table.stride(0), mask_table.stride(1),
-        scale_arg, float(norm_c),
-        ROUTER=ROUTER_IDS[router_type], RENORMALIZE=bool(renormalize) and router_type != "norm",
-        SCALE_IN_MEMORY=scale_in_memory, TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
+        scale_arg, float(spec.norm_c),
+        ROUTER=kind.kernel_id, EXCLUDE_FILL=kind.exclude_fill, RENORMALIZE=spec.renormalize,
+        SCALE_IN_MEMORY=scale_in_memory,
+        STEERED=steering is not None, TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_T=block_t, BLOCK_E=block_e, num_warps=8 if block_e >= 1024 else 4,
     )
     return ids, weights

@@ -22,13 +22,17 @@ Steps, for each token (docs/steering.md restates them for profile authors):
    lower expert id (stable sort), so every implementation agrees.
 5. Gates: s at the chosen experts; divided by their sum when `renormalize`
    (softmax/sigmoid only; NormRouter gates are the raw scores).
+
+The per-kind rules (score function, learned scale, renormalisation, how an excluded
+expert is removed) live in routing_spec.ROUTER_KINDS.
 """
 
 from __future__ import annotations
 
 import torch
 
-NORM_EPS = 1e-8
+from .routing_spec import RoutingSpec, SteeringView
+
 INCLUDE, EXCLUDE = 1, -1
 
 
@@ -40,76 +44,51 @@ def steer_logits(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tenso
     return logits + sigma * bias
 
 
-def router_scores(
-    z: torch.Tensor, router_type: str, *, norm_scale: float | torch.Tensor = 1.0, norm_c: float = 1.0
-) -> torch.Tensor:
-    """Scores [T, E] from (steered, masked) logits z [T, E]; differentiable (training uses it)."""
-    if router_type == "norm":
-        return norm_scale * norm_c * torch.relu(z / (z.norm(dim=-1, keepdim=True) + NORM_EPS))
-    if router_type == "softmax":
-        return torch.softmax(z, dim=-1)
-    if router_type == "sigmoid":
-        return torch.sigmoid(z)
-    raise ValueError(f"unknown router_type {router_type!r}; expected norm, softmax or sigmoid")
-
-
 def route(
     logits: torch.Tensor,
-    top_k: int,
-    router_type: str,
+    spec: RoutingSpec,
+    scale: float | torch.Tensor = 1.0,
     *,
-    renormalize: bool = False,
-    norm_scale: float | torch.Tensor = 1.0,
-    norm_c: float = 1.0,
     bias: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route T tokens over a pool of E experts.
 
     logits: [T, E] raw router logits (any float dtype; computed in fp32).
+    scale:  the router's learned scale (NormRouter's sigma; ignored by the other kinds).
     bias:   [T, E] per-token steering bias (alpha folded in) or None.
     mask:   [T, E] int8 (+1 include, -1 exclude, 0 free) or None.
     Returns (topk_ids [T, k] int32, topk_weights [T, k] fp32).
     """
+    kind = spec.kind
     z = steer_logits(logits.float(), None if bias is None else bias.float())
     include = exclude = None
     if mask is not None:
         include, exclude = mask == INCLUDE, mask == EXCLUDE
         ceiling = z.masked_fill(exclude, float("-inf")).amax(dim=-1, keepdim=True)
         z = torch.where(include, ceiling, z)
-
-    if exclude is not None:
-        # Removing an expert from the score function: zero BEFORE the L2 norm for
-        # NormRouter (so the norm cannot overflow), -inf for softmax and sigmoid.
-        z = z.masked_fill(exclude, 0.0 if router_type == "norm" else float("-inf"))
-    scores = router_scores(z, router_type, norm_scale=norm_scale, norm_c=norm_c)
+        z = z.masked_fill(exclude, kind.exclude_fill)  # removed from the score function
+    scores = kind.scores(z, spec.score_scale(scale))
 
     key = scores
     if mask is not None:
         key = key.masked_fill(include, float("inf")).masked_fill(exclude, float("-inf"))
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :top_k]  # [T, k]
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :spec.top_k]  # [T, k]
     weights = scores.gather(-1, order)
-    if renormalize and router_type != "norm":
+    if spec.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     return order.to(torch.int32), weights
 
 
 def route_with_table(
     logits: torch.Tensor,
-    steering_index: torch.Tensor,
-    bias_table: torch.Tensor,
-    mask_table: torch.Tensor,
+    steering: SteeringView | None,
     layer: int,
-    top_k: int,
-    router_type: str,
-    **kwargs,
+    spec: RoutingSpec,
+    scale: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`route` with per-token profile rows gathered from the engine's tables.
-
-    steering_index: [T] int32 (0 = no steering); bias_table: [P+1, L, E] fp32;
-    mask_table: [P+1, L, E] int8; row 0 of both tables is all zeros.
-    """
-    rows = steering_index.long()
-    bias = bias_table[rows, layer]  # [T, E]
-    mask = mask_table[rows, layer]  # [T, E]
-    return route(logits, top_k, router_type, bias=bias, mask=mask, **kwargs)
+    """`route` with each token's steering row gathered from the engine's tables (None: unsteered)."""
+    if steering is None:
+        return route(logits, spec, scale)
+    rows = steering.index.long()
+    return route(logits, spec, scale, bias=steering.bias[rows, layer], mask=steering.mask[rows, layer])

@@ -46,7 +46,7 @@ def checkpoint_shapes(config: UniPoolConfig) -> dict[str, tuple[int, ...]]:
                            p + "shared_expert.down_proj.weight": (H, S)})
     for r in range(config.num_routers):
         shapes[f"model.routers.{r}.weight"] = (E, H)
-        if config.router_type == "norm":
+        if config.routing_spec().kind.learned_scale:
             shapes[f"model.routers.{r}.norm_scale"] = (1,)
     for p in range(config.num_pools):
         shapes[f"model.pools.{p}.gate_up_proj"] = (E, 2 * F, H)

@@ -14,7 +14,7 @@ import json
 import torch
 from transformers import PretrainedConfig
 
-ROUTER_TYPES = ("norm", "softmax", "sigmoid")
+from unipool_serve.kernels.routing_spec import ROUTER_KINDS, RoutingSpec
 
 # NormRouter's constant c is a Monte Carlo estimate; these fix it so every
 # implementation (and every machine) derives the same value from (M, k).
@@ -91,7 +91,7 @@ class UniPoolConfig(PretrainedConfig):
         if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
             kwargs["rope_theta"] = 1e6
         self._validate_layout()
-        if self.router_type == "norm" and self.norm_router_c is None:
+        if ROUTER_KINDS[self.router_type].learned_scale and self.norm_router_c is None:
             self.norm_router_c = norm_router_constant(self.num_experts, self.num_experts_per_tok)
         super().__post_init__(**kwargs)
 
@@ -125,14 +125,14 @@ class UniPoolConfig(PretrainedConfig):
                 f"UniPoolConfig.num_experts_per_tok={self.num_experts_per_tok} exceeds "
                 f"num_experts={self.num_experts} (the pool size)"
             )
-        if self.router_type not in ROUTER_TYPES:
+        if self.router_type not in ROUTER_KINDS:
             raise ValueError(
-                f"UniPoolConfig.router_type={self.router_type!r} is not one of {list(ROUTER_TYPES)}"
+                f"UniPoolConfig.router_type={self.router_type!r} is not one of {list(ROUTER_KINDS)}"
             )
-        if self.router_type == "norm" and self.norm_topk_prob:
+        if self.norm_topk_prob and not ROUTER_KINDS[self.router_type].may_renormalize:
             raise ValueError(
-                "UniPoolConfig.norm_topk_prob=True is not defined for router_type='norm': "
-                "NormRouter gates are the raw scores (set it to false)"
+                f"UniPoolConfig.norm_topk_prob=True is not defined for router_type={self.router_type!r}: "
+                "its gates are the raw scores (set it to false)"
             )
         if self.norm_router_c is not None and not (self.norm_router_c > 0):
             raise ValueError(f"UniPoolConfig.norm_router_c must be > 0, got {self.norm_router_c!r}")
@@ -158,6 +158,11 @@ class UniPoolConfig(PretrainedConfig):
 
     def layer_to_router(self, layer: int) -> int:
         return layer // self.layers_per_router
+
+    def routing_spec(self) -> RoutingSpec:
+        """The routing constants every router of this model uses."""
+        return RoutingSpec.of(self.router_type, self.num_experts_per_tok, renormalize=self.norm_topk_prob,
+                              norm_c=self.norm_router_c or 1.0)
 
     def fingerprint(self) -> str:
         """Short hash of what a steering profile or routing statistic depends on."""

@@ -47,7 +47,7 @@ def pool_report(model: nn.Module) -> dict[str, Any]:
         "steering": {
             name: {"shape": tuple(t.shape), "dtype": str(t.dtype), "ptr": t.data_ptr(),
                    "nonzero": int(t.count_nonzero())}
-            for name, t in (("index", steering.index), ("bias_table", steering.bias_table),
-                            ("mask_table", steering.mask_table))
+            for name, t in (("index", steering.index), ("bias_table", steering.bias),
+                            ("mask_table", steering.mask))
         },
     }

@@ -1,30 +1,34 @@
-"""Pool-MoE backends: (hidden, pool, topk_ids, topk_weights) -> hidden, per layer.
+"""MoE backends: the one place that chooses the kernels a model runs, for routing and experts.
 
-Chosen once per model by UNIPOOL_MOE_BACKEND (see docs/vllm-plugin.md):
-  triton       CUDA default: our Triton kernel (kernels/fused_moe.py) when installed,
-               else vLLM's Triton `fused_experts`.
-  vllm-triton  CUDA: vLLM's Triton `fused_experts`.
-  cpu          CPU default: vLLM's `cpu_fused_moe` over pool weights prepacked once
-               after loading (F padded to a multiple of 32; fp32, bf16 and fp16).
-  torch        anywhere: kernels/moe_reference.pool_moe (a registered custom op, so
-               torch.compile treats its data-dependent loop as one opaque call).
+Chosen once per model by UNIPOOL_MOE_BACKEND (see docs/vllm-plugin.md); each backend
+owns both halves of a layer's MoE:
+  route(logits, steering, layer, spec, scale) -> (topk_ids, topk_weights)
+  __call__(hidden, pool, topk_ids, topk_weights) -> hidden
+
+  backend      routing                         experts
+  triton       Triton fused_route              our Triton fused_pool_moe (CUDA default)
+  vllm-triton  Triton fused_route              vLLM's Triton `fused_experts`
+  cpu          torch route_with_table          vLLM's `cpu_fused_moe` over pools prepacked once
+                                               after loading (F padded to 32; fp32/bf16/fp16)
+  torch        torch route_with_table          kernels/moe_reference.pool_moe (a registered
+                                               custom op: one opaque call to torch.compile)
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from unipool_serve.kernels.moe_reference import pool_moe
+from unipool_serve.kernels.routing_reference import route_with_table
 
 from .expert_pool import ExpertPool
+from .settings import setting
 
 logger = logging.getLogger(__name__)
 
 BACKEND_ENV = "UNIPOOL_MOE_BACKEND"
-BACKENDS = ("triton", "vllm-triton", "cpu", "torch")
 CPU_ALIGN = 32  # cpu_fused_moe tiles hidden and expert width in blocks of 32
 
 
@@ -42,6 +46,7 @@ def _(hidden, w_gate_up, w_down, topk_ids, topk_weights):
 class TorchBackend:
     name = "torch"
     pad_to = 1
+    route = staticmethod(route_with_table)
 
     def prepare(self, pool: ExpertPool) -> None:
         pool.packed_by = self.name
@@ -55,6 +60,7 @@ class CpuBackend:
 
     name = "cpu"
     pad_to = CPU_ALIGN
+    route = staticmethod(route_with_table)
 
     def __init__(self, dtype: torch.dtype):
         amx = torch.cpu._is_amx_tile_supported() and dtype == torch.bfloat16
@@ -78,9 +84,16 @@ class CpuBackend:
         return out
 
 
+def _fused_route(*args, **kwargs):
+    from unipool_serve.kernels.routing import fused_route
+
+    return fused_route(*args, **kwargs)
+
+
 class VllmTritonBackend:
     name = "vllm-triton"
     pad_to = 1
+    route = staticmethod(_fused_route)
 
     def prepare(self, pool: ExpertPool) -> None:
         pool.packed_by = self.name
@@ -95,9 +108,12 @@ class TritonBackend(VllmTritonBackend):
     name = "triton"
 
     def __init__(self):
+        from unipool_serve.kernels import launch_config
         from unipool_serve.kernels.fused_moe import fused_pool_moe
 
         self._kernel = fused_pool_moe
+        if (folder := setting("UNIPOOL_MOE_CONFIG_DIR")) is not None:
+            launch_config.use_config_dir(folder)
 
     def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights) -> torch.Tensor:
         return self._kernel(hidden, pool.gate_up_proj, pool.down_proj, topk_ids, topk_weights)
@@ -105,9 +121,7 @@ class TritonBackend(VllmTritonBackend):
 
 def select_backend(device_type: str, dtype: torch.dtype, hidden_size: int, name: str | None = None):
     """The backend named by UNIPOOL_MOE_BACKEND (or `name`), else the platform default."""
-    name = name or os.environ.get(BACKEND_ENV, "").strip().lower() or None
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={name!r} is not one of {list(BACKENDS)}")
+    name = name or setting(BACKEND_ENV)
     if name is None:
         name = "triton" if device_type == "cuda" else "cpu" if device_type == "cpu" else "torch"
     if name in ("triton", "vllm-triton") and device_type != "cuda":

@@ -44,8 +44,10 @@ from .checkpoint_loading import load_checkpoint
 from .config import UniPoolConfig
 from .expert_pool import ExpertPool
 from .moe_backend import select_backend
-from .pool_router import PoolRouter, route_tokens
-from .steering_state import SteeringState, max_profiles_from_env, steering_enabled_from_env
+from .router import PoolRouter
+from .routing_counts import RoutingCounts
+from .settings import setting
+from .steering.table import SteeringTable
 
 
 class UniPoolAttention(nn.Module):
@@ -104,22 +106,25 @@ class SharedExpertMLP(nn.Module):
 class UniPoolMoE(nn.Module):
     """One layer's MoE: its (tied) router's top-k over its (shared) pool, + shared expert."""
 
-    def __init__(self, config: UniPoolConfig, layer_idx: int, pool: ExpertPool, router: PoolRouter,
-                 steering: SteeringState, backend, shared_expert: SharedExpertMLP | None):
+    def __init__(self, layer_idx: int, model: "UniPoolModel", shared_expert: SharedExpertMLP | None):
         super().__init__()
-        self.config, self.layer_idx, self.backend = config, layer_idx, backend
-        # Plain references (not submodules): the model owns pool, router and steering once,
-        # the decoder layer owns its shared expert.
-        self.__dict__.update(pool=pool, router=router, steering=steering, shared_expert=shared_expert)
+        config = model.config
+        self.layer_idx, self.backend = layer_idx, model.moe_backend
+        # Plain references (not submodules): the model owns pools, routers, the steering table
+        # and the routing counts once; the decoder layer owns its shared expert.
+        self.__dict__.update(pool=model.pools[config.layer_to_pool(layer_idx)],
+                             router=model.routers[config.layer_to_router(layer_idx)],
+                             steering=model.steering, routing_counts=model.routing_counts,
+                             shared_expert=shared_expert)
         self.tp_size = get_tensor_model_parallel_world_size()
 
-    def forward(self, hidden_states: torch.Tensor, steering_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # The step's steering rows are read here, like vLLM's LoRA reads its per-token index:
+        # the layers keep vLLM's own forward signature.
+        steering = self.steering.view(hidden_states.shape[0])
         logits = self.router.logits(hidden_states)  # [T, E] fp32
-        topk_ids, topk_weights = route_tokens(
-            logits, steering_index, self.steering.bias_table, self.steering.mask_table,
-            self.layer_idx, self.config, self.router.norm_scale, self.steering.enabled,
-        )  # [T, k] int32, [T, k] fp32
-        self.steering.record_routing(self.layer_idx, topk_ids)
+        topk_ids, topk_weights = self.router.route(logits, self.layer_idx, steering, self.backend.route)  # [T, k]
+        self.routing_counts.record(self.layer_idx, topk_ids)
         out = self.backend(hidden_states, self.pool, topk_ids, topk_weights)  # [T, H], this rank's F slice
         if self.shared_expert is not None:
             out = out + self.shared_expert(hidden_states)
@@ -137,13 +142,9 @@ class UniPoolDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         width = config.shared_expert_intermediate_size
         self.shared_expert = SharedExpertMLP(config.hidden_size, width, f"{prefix}.shared_expert") if width else None
-        self.moe = UniPoolMoE(
-            config, layer_idx, model.pools[config.layer_to_pool(layer_idx)],
-            model.routers[config.layer_to_router(layer_idx)], model.steering, model.moe_backend,
-            self.shared_expert,
-        )
+        self.moe = UniPoolMoE(layer_idx, model, self.shared_expert)
 
-    def forward(self, positions, hidden_states, residual, steering_index):
+    def forward(self, positions, hidden_states, residual):
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
@@ -151,7 +152,7 @@ class UniPoolDecoderLayer(nn.Module):
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.moe(hidden_states, steering_index), residual
+        return self.moe(hidden_states), residual
 
 
 @support_torch_compile
@@ -168,8 +169,10 @@ class UniPoolModel(nn.Module):
                                                    prefix=f"{prefix}.embed_tokens")
         max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens,
                          vllm_config.compilation_config.max_cudagraph_capture_size or 0)
-        self.steering = SteeringState(max_tokens, config.num_hidden_layers, config.num_experts,
-                                      max_profiles_from_env(), steering_enabled_from_env())
+        self.steering = SteeringTable(max_tokens, config.num_hidden_layers, config.num_experts,
+                                      setting("UNIPOOL_MAX_STEERING_PROFILES"), setting("UNIPOOL_STEERING"))
+        self.routing_counts = RoutingCounts(config.num_hidden_layers, config.num_experts,
+                                            setting("UNIPOOL_ROUTING_STATS"))
         # This pipeline stage's layers; pools and routers no local layer uses are placeholders.
         from vllm.distributed.utils import get_pp_indices
         start, end = get_pp_indices(config.num_hidden_layers, get_pp_group().rank_in_group,
@@ -211,9 +214,8 @@ class UniPoolModel(nn.Module):
         else:
             hidden_states = intermediate_tensors["hidden_states"]
             residual = intermediate_tensors["residual"]
-        steering_index = self.steering.step_index(hidden_states.shape[0])  # [T] int32
         for layer in islice(self.layers, self.start_layer, self.end_layer):
-            hidden_states, residual = layer(positions, hidden_states, residual, steering_index)
+            hidden_states, residual = layer(positions, hidden_states, residual)
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
         hidden_states, _ = self.norm(hidden_states, residual)
@@ -221,7 +223,7 @@ class UniPoolModel(nn.Module):
 
 
 class UniPoolForCausalLM(nn.Module, SupportsPP):
-    """vLLM entry class. Steering seam: `self.steering` (see steering_state.py)."""
+    """vLLM entry class. Steering seam: `self.steering` (steering/table.py); statistics: `self.routing_counts`."""
 
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
@@ -240,8 +242,12 @@ class UniPoolForCausalLM(nn.Module, SupportsPP):
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
     @property
-    def steering(self) -> SteeringState:
+    def steering(self) -> SteeringTable:
         return self.model.steering
+
+    @property
+    def routing_counts(self) -> RoutingCounts:
+        return self.model.routing_counts
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

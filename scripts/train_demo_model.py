@@ -4,7 +4,7 @@
     .venv/bin/python scripts/train_demo_model.py --out models/unipool-demo
 
 Stages (all seeded; nothing is downloaded):
-  1. corpus: prose and Python-like code from the grammars in model_executor/demo_corpus.py;
+  1. corpus: prose and Python-like code from the grammars in demo/corpus.py;
   2. tokenizer: byte-level BPE (model_executor.tokenizer.train_tokenizer);
   3. model: a UniPool decoder (one global pool of 16 NormRouter top-1 experts shared by 4
      layers) trained with the LM loss plus the pool-level balancing loss
@@ -36,13 +36,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from unipool_serve.kernels.routing_reference import route, router_scores  # noqa: E402
-from unipool_serve.model_executor import demo_eval  # noqa: E402
+from unipool_serve.demo import eval as demo_eval  # noqa: E402
 from unipool_serve.model_executor.config import UniPoolConfig  # noqa: E402
-from unipool_serve.model_executor.demo_classifier import classify  # noqa: E402
-from unipool_serve.model_executor.demo_corpus import HELDOUT_SEED, TRAIN_SEED, CALIBRATION_SEED, documents  # noqa: E402
-from unipool_serve.model_executor.reference_model import UniPoolForCausalLM  # noqa: E402
-from unipool_serve.model_executor.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer  # noqa: E402
+from unipool_serve.demo.classifier import classify  # noqa: E402
+from unipool_serve.demo.corpus import HELDOUT_SEED, TRAIN_SEED, CALIBRATION_SEED, documents  # noqa: E402
+from unipool_serve.model_executor.reference.model import UniPoolForCausalLM  # noqa: E402
+from unipool_serve.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer  # noqa: E402
 
 MODEL_SHAPE = dict(
     hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -108,7 +107,7 @@ def pool_balance_loss(model: UniPoolForCausalLM, router_logits) -> tuple[torch.T
 
     Per layer l: f_l,i = share of the layer's token slots routed to expert i (from `route`,
     not differentiable); P_l,i = mean over tokens of the NormRouter score of expert i,
-    normalised per token to sum to 1 (`router_scores`). Then f and P are averaged over
+    normalised per token to sum to 1 (`PoolRouter.scores`). Then f and P are averaged over
     all layers (the pool is shared by all of them) and loss = M * sum_i f_i * P_i,
     which is 1 when the pool is used uniformly.
     """
@@ -116,11 +115,10 @@ def pool_balance_loss(model: UniPoolForCausalLM, router_logits) -> tuple[torch.T
     fs, ps = [], []
     for layer, logits in enumerate(router_logits):
         router = model.model.routers[cfg.layer_to_router(layer)]
-        scale, c = getattr(router, "norm_scale", 1.0), cfg.norm_router_c or 1.0
-        scores = router_scores(logits, cfg.router_type, norm_scale=scale, norm_c=c)  # [T, E]
+        scores = router.scores(logits)  # [T, E]
         probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         with torch.no_grad():
-            ids, _ = route(logits.detach(), cfg.num_experts_per_tok, cfg.router_type, norm_scale=scale, norm_c=c)
+            ids, _ = router.route(logits.detach(), layer, None)
             f = torch.bincount(ids.reshape(-1).long(), minlength=cfg.num_experts).float() / ids.numel()
         fs.append(f)
         ps.append(probs.mean(dim=0))
@@ -348,7 +346,7 @@ def evaluate(out: Path, train_info: dict | None) -> dict:
 
     save_profiles(out, cfg, profiles)
     print("steering effect on the fixed prompt sets (profiles as loaded from steering/) ...", flush=True)
-    from unipool_serve.model_executor.steering_profile import SteeringProfile
+    from unipool_serve.model_executor.steering.profile import SteeringProfile
 
     table = {}
     loaded = {}
@@ -397,7 +395,7 @@ def _mask_dicts(mask: torch.Tensor) -> tuple[dict[int, list[int]], dict[int, lis
 
 
 def save_profiles(out: Path, cfg: UniPoolConfig, profiles: dict) -> None:
-    from unipool_serve.model_executor.steering_profile import SteeringProfile
+    from unipool_serve.model_executor.steering.profile import SteeringProfile
 
     steering_dir = out / "steering"
     steering_dir.mkdir(exist_ok=True)
@@ -420,7 +418,7 @@ def write_readme(out: Path, cfg: UniPoolConfig, r: dict) -> None:
         "",
         "A small UniPool model (one global pool of experts shared by every layer) trained from scratch on a",
         "synthetic corpus of two kinds of text: English-like prose and Python-like code, both from small",
-        "grammars (model_executor/demo_corpus.py). It is the default model of the server and the",
+        "grammars (demo/corpus.py). It is the default model of the server and the",
         "demonstration that per-request router steering changes behaviour. Everything in this folder is",
         "written by `scripts/train_demo_model.py` (see docs/demo-model.md):",
         "",
@@ -461,7 +459,7 @@ def write_readme(out: Path, cfg: UniPoolConfig, r: dict) -> None:
     lines.append("")
 
     c = r["classifier"]
-    lines += ["## Classifier (model_executor/demo_classifier.py)", "",
+    lines += ["## Classifier (demo/classifier.py)", "",
               "Counts code markers (brackets, `=`, `:`, keywords, indentation) against prose markers "
               "(English function words, sentence ends). Accuracy on held-out corpus text:", "",
               "| kind | whole documents | 32-token windows |", "|---|---|---|"]
@@ -515,7 +513,7 @@ def write_readme(out: Path, cfg: UniPoolConfig, r: dict) -> None:
         "- Measurement: reference model in fp32, greedy, exactly 32 new tokens with </s> banned (vLLM: "
         "`temperature=0, max_tokens=32, min_tokens=32`), prompts sent without special tokens; profile rows at every "
         "position, prefill and decode, scaled by each token's own logit standard deviation. Prompts: "
-        "`PROMPTS_CODE` / `PROMPTS_PROSE` in model_executor/demo_eval.py (held-out split); alpha was picked "
+        "`PROMPTS_CODE` / `PROMPTS_PROSE` in demo/eval.py (held-out split); alpha was picked "
         f"from {list(ALPHAS)} on the separate calibration prompts (largest target share, ties to the smaller alpha).",
         "",
     ]

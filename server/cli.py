@@ -16,8 +16,9 @@ import os
 import sys
 from pathlib import Path
 
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "unipool-demo"
-WORKER_CLS = "unipool_serve.model_executor.steering_worker.SteeringWorker"
+from unipool_serve.model_executor.settings import ServerSettings
+from unipool_serve.models import DEMO_MODEL
+WORKER_CLS = "unipool_serve.model_executor.steering.worker.SteeringWorker"
 PLUGINS = "unipool,unipool_api"
 KV_CACHE_MIN, KV_CACHE_MAX = 1 << 29, 8 << 30  # bounds of the automatic CPU KV-cache size
 
@@ -36,7 +37,11 @@ def our_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY[=PROFILE]",
                         help="accept this bearer key (repeatable); KEY=PROFILE binds a mandatory steering "
                              "profile that requests with this key cannot override. No key: open access.")
-    parser.add_argument("--admin-key", help="bearer key allowed to upload and delete steering profiles")
+    parser.add_argument("--admin-key", help="bearer key allowed to upload and delete steering profiles, "
+                                            "to see their content, and to use vLLM's admin routes")
+    parser.add_argument("--public-profile-details", action="store_true",
+                        help="show every key the content of the steering profiles (digest, per-layer rows); "
+                             "by default only the admin key sees it")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--grace-period", type=int, default=30,
@@ -44,14 +49,34 @@ def our_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_environment(ours: argparse.Namespace, steering_dir: Path | None) -> None:
+def server_settings(ours: argparse.Namespace, model: Path) -> ServerSettings:
+    """Our flags as ServerSettings; ValueError (one line) for anything inconsistent."""
+    from .policy import AccessPolicy
+
+    steering_dir = ours.steering_dir
+    if steering_dir is None and (model / "steering").is_dir():
+        steering_dir = model / "steering"
+    if steering_dir is not None and not steering_dir.is_dir():
+        raise ValueError(f"--steering-dir {steering_dir} is not a folder")
+    if steering_dir is not None and not os.access(steering_dir, os.R_OK | os.X_OK):
+        raise ValueError(f"--steering-dir {steering_dir} cannot be read")
+    if any("," in spec for spec in ours.api_key):
+        raise ValueError("--api-key values must not contain ','")
+    policy = AccessPolicy.parse(ours.api_key, ours.admin_key)
+    for profile in sorted(policy.bound_profiles()):
+        if steering_dir is None or not (steering_dir / f"{profile}.safetensors").is_file():
+            raise ValueError(f"--api-key binds steering profile {profile!r}, but {steering_dir or 'no steering dir'} "
+                             f"has no {profile}.safetensors")
+    return ServerSettings(api_keys=list(ours.api_key), admin_key=ours.admin_key or "", steering_dir=steering_dir,
+                          public_profile_details=ours.public_profile_details,
+                          metrics_interval=ServerSettings.from_env().metrics_interval)
+
+
+def _configure_environment(settings: ServerSettings) -> None:
     os.environ["VLLM_PLUGINS"] = PLUGINS  # loads our model plugin and our endpoint plugin
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # steering hooks the V1 runner; the worker checks it
-    keys = ",".join(ours.api_key)
-    for name, value in (("UNIPOOL_API_KEYS", keys), ("UNIPOOL_ADMIN_KEY", ours.admin_key or ""),
-                        ("UNIPOOL_STEERING_DIR", str(steering_dir) if steering_dir else "")):
-        os.environ[name] = value
+    settings.export()
 
 
 def _vllm_args(ours: argparse.Namespace, rest: list[str], model: str):
@@ -71,6 +96,13 @@ def _vllm_args(ours: argparse.Namespace, rest: list[str], model: str):
     extra = [a for pair in zip(defaults[::2], defaults[1::2]) if pair[0] not in given for a in pair]
     args = parser.parse_args(["--model", model, "--host", ours.host, "--port", str(ours.port), *extra, *rest])
     validate_parsed_serve_args(args)
+    # One API process and one engine: the profile store (names -> engine rows) lives in the
+    # API process, and every engine must hold the same rows.
+    for flag, value in (("--api-server-count", getattr(args, "api_server_count", 1)),
+                        ("--data-parallel-size", getattr(args, "data_parallel_size", 1))):
+        if value not in (None, 1):
+            raise ValueError(f"{flag} {value} is not supported: steering profiles live in one API process "
+                             "and one engine (scale out with more replicas instead)")
     size_cpu_kv_cache(args)
     return args
 
@@ -107,21 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         what = "the bundled demo model" if ours.model is None else "model folder"
         print(f"unipool-serve: {what} {model} has no config.json (pass --model FOLDER)", file=sys.stderr)
         return 2
-    steering_dir = ours.steering_dir
-    if steering_dir is None and (model / "steering").is_dir():
-        steering_dir = model / "steering"
-    if steering_dir is not None and not steering_dir.is_dir():
-        print(f"unipool-serve: --steering-dir {steering_dir} is not a folder", file=sys.stderr)
-        return 2
-    _configure_environment(ours, steering_dir)
     try:
-        from .gateway import AccessPolicy
-
-        AccessPolicy.parse(ours.api_key, ours.admin_key)
+        settings = server_settings(ours, model)
+        _configure_environment(settings)
+        args = _vllm_args(ours, rest, str(model))
     except ValueError as exc:
         print(f"unipool-serve: {exc}", file=sys.stderr)
         return 2
-    args = _vllm_args(ours, rest, str(model))
+    steering_dir = settings.steering_dir
 
     import uvloop
 

@@ -118,7 +118,7 @@ class SteeringEnforcer:
             except UnknownProfile as exc:
                 raise SteeringRefused(400, str(exc), exc.code) from None
             row_digest = contract.digest(active.content_hash)
-            extra.update(contract.steering_args(self.secret, request.request_id, name, active.slot, row_digest))
+            extra.update(contract.steering_args(self.secret, name, active.slot, row_digest))
             request.cache_salt = contract.cache_salt(self.secret, active.content_hash, request.cache_salt)
             self.store.pin(active, request.request_id)
         # A fresh SamplingParams per engine request: vLLM may share one object between the

@@ -1,169 +1,182 @@
-"""ASGI middleware in front of vLLM's OpenAI routes: API keys and per-request steering.
+"""ASGI middleware in front of every route of vLLM's app: keys, route access, request context.
 
-vLLM's request models silently drop unknown top-level fields, and steering sent
-through `vllm_xargs` would reach the engine unvalidated and without a cache salt.
-So, before vLLM parses a completion or chat request, this layer:
-  1. checks the API key (401) and the key's mandatory profile (403 on override);
-  2. resolves the profile from the top-level `steering` field or `vllm_xargs.steering`
-     (400 for an unknown profile, listing the available ones);
-  3. rewrites the body: `vllm_xargs` carries the profile's name, engine slot and
-     content hash (what the worker reads), and `cache_salt` gets the content hash
-     mixed in, so requests with different profiles never share KV blocks;
-  4. pins the profile's slot until the response has been fully sent.
+For each HTTP or WebSocket request it
+  1. finds the route the request is for and its access class (server/policy.py), checks the
+     bearer key (401) and the class (403);
+  2. for a body that is JSON, takes the steering request out of it: the top-level
+     `steering` field and `vllm_xargs.steering` (vLLM would drop the first silently and
+     pass the second on unchecked); rejects reserved `vllm_xargs` keys, conflicting names
+     and a bound key's override (403) with the OpenAI envelope before any route runs;
+  3. sets the request context (enforcement.CURRENT_REQUEST) that the enforcement point
+     reads for every engine request this HTTP request leads to.
+It decides nothing about steering itself: the enforcement point does, for every route.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 
+from starlette.routing import Match
+
+from unipool_serve.model_executor.steering import contract
+from unipool_serve.model_executor.steering.profile import NAME_PATTERN, NAME_RULE
+
+from .enforcement import CURRENT_REQUEST, RequestContext, resolve_profile, SteeringRefused
 from .errors import APIError, send_openai_error
-from .profile_store import ProfileStore
+from .policy import Access, AccessPolicy, Caller, route_access
 
-STEERED_PATHS = ("/v1/completions", "/v1/chat/completions")
-OPEN_PATHS = ("/health", "/ready", "/metrics", "/ping", "/version", "/openapi.json", "/docs", "/redoc")
-XARG_NAME, XARG_SLOT, XARG_HASH = "unipool_steering", "unipool_steering_slot", "unipool_steering_hash"
 MAX_BODY_BYTES = 32 << 20
-
-
-@dataclass
-class AccessPolicy:
-    """API keys (each optionally bound to a mandatory profile) and the admin key."""
-
-    keys: dict[str, str | None] = field(default_factory=dict)
-    admin_key: str | None = None
-
-    @classmethod
-    def parse(cls, key_specs: list[str], admin_key: str | None) -> AccessPolicy:
-        keys: dict[str, str | None] = {}
-        for spec in key_specs:
-            key, _, profile = spec.partition("=")
-            if not key:
-                raise ValueError(f"--api-key {spec!r}: empty key")
-            keys[key] = profile or None
-        return cls(keys, admin_key or None)
-
-    def identify(self, headers: dict[bytes, bytes]) -> tuple[str | None, bool]:
-        """(bound profile, is_admin) for the request's bearer token; APIError(401) when keys are required."""
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-        is_admin = bool(self.admin_key and token and hmac.compare_digest(token, self.admin_key))
-        if not self.keys or is_admin:
-            return None, is_admin
-        for key, profile in self.keys.items():
-            if token and hmac.compare_digest(token, key):
-                return profile, False
-        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                       code="invalid_api_key")
-
-
-def cache_salt_for(profile_hash: str, user_salt: str | None) -> str:
-    """A salt within vLLM's limits (<= 128 chars, no '@', '/', '\\') unique to (user salt, profile)."""
-    digest = hashlib.sha256(f"{user_salt or ''}\0{profile_hash}".encode()).hexdigest()
-    return f"unipool-{digest[:48]}"
+BODY_METHODS = ("POST", "PUT", "PATCH")
+RAW_BODY_ROUTES = {("POST", "/v1/steering/profiles")}  # binary uploads: never parsed as JSON
+METRICS_ROUTE = "/metrics"
 
 
 class SteeringGateway:
     """Pure ASGI middleware (streaming responses pass through untouched)."""
 
-    def __init__(self, app, store_getter, policy: AccessPolicy, on_request=None, on_steering_error=None):
+    def __init__(self, app, router, policy: AccessPolicy,
+                 on_steering_error: Callable[[str], None] | None = None,
+                 on_metrics_scrape: Callable[[], Awaitable[None]] | None = None):
         self.app = app
-        self.store_getter = store_getter  # () -> ProfileStore | None (None until the engine is up)
+        self.router = router  # the FastAPI app's router: what each path is
         self.policy = policy
-        self.on_request = on_request  # (profile name or None) -> None: metrics hook
         self.on_steering_error = on_steering_error  # (reason) -> None: metrics hook
+        self.on_metrics_scrape = on_metrics_scrape  # refreshes routing counts before a scrape
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS):
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
+        template = self.route_template(scope)
+        if template is None:  # no such path: the app answers 404 (or 405)
+            return await self.app(scope, receive, send)
+        access = route_access(template)
+        if access is Access.OPEN:
+            if template == METRICS_ROUTE and self.on_metrics_scrape is not None:
+                await self.on_metrics_scrape()
+            return await self.app(scope, receive, send)
         try:
-            bound, is_admin = self.policy.identify(headers)
-            scope.setdefault("state", {})["unipool_admin"] = is_admin
-            scope["state"]["unipool_bound_profile"] = bound
-            if scope["method"] != "POST" or scope["path"] not in STEERED_PATHS:
-                return await self.app(scope, receive, send)
-            body = await _read_body(receive)
-            body, active = self._rewrite(body, bound)
-            # the body may have changed size: keep the header truthful for whatever reads it
-            scope["headers"] = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
-            scope["headers"].append((b"content-length", str(len(body)).encode()))
+            caller = self.policy.identify(dict(scope.get("headers") or []))
+            self.policy.check(access, caller)
+            scope.setdefault("state", {})["unipool_admin"] = caller.is_admin
+            asked, replay = None, receive
+            if scope["type"] == "http" and scope["method"] in BODY_METHODS \
+                    and (scope["method"], template) not in RAW_BODY_ROUTES:
+                body = await read_body(receive)
+                body, asked = self.take_steering(body, scope, caller)
+                replay = replaying(body, receive)
         except APIError as err:
-            if err.param == "steering" and self.on_steering_error is not None:
+            if err.param == contract.REQUEST_FIELD and self.on_steering_error is not None:
                 self.on_steering_error(str(err.code))
-            return await send_openai_error(send, err.status, err.message, param=err.param, code=err.code)
-
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # then wait for disconnect, as the app expects
-
-        if self.on_request is not None:
-            self.on_request(active.profile.name if active else None)
+            return await refuse(scope, send, err)
+        token = CURRENT_REQUEST.set(RequestContext(bound=caller.bound, asked=asked, is_admin=caller.is_admin))
         try:
             await self.app(scope, replay, send)
         finally:
-            if active is not None:
-                await self.store_getter().release(active)
+            CURRENT_REQUEST.reset(token)
 
-    def _rewrite(self, body: bytes, bound: str | None):
-        try:
-            request = json.loads(body) if body else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return body, None  # vLLM answers malformed JSON with its own 400
+    def route_template(self, scope) -> str | None:
+        """The path template of the route `scope` is for (a method mismatch still names it)."""
+        partial = None
+        for route in self.router.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return route.path
+            if match is Match.PARTIAL and partial is None:
+                partial = route.path
+        return partial
+
+    def take_steering(self, body: bytes, scope, caller: Caller) -> tuple[bytes, str | None]:
+        """(body without steering fields, the profile name asked for); APIError for bad input."""
+        if not looks_like_json(body, scope):
+            return body, None
+        request = parse_json(body)
         if not isinstance(request, dict):
             return body, None
+        changed = contract.REQUEST_FIELD in request
+        top = request.pop(contract.REQUEST_FIELD, None)
         xargs = request.get("vllm_xargs")
-        if xargs is not None and not isinstance(xargs, dict):
-            return body, None  # vLLM's validation rejects it
-        xargs = dict(xargs or {})
-        reserved = sorted(k for k in xargs if k.startswith("unipool_"))
-        if reserved:
-            raise APIError(400, f"vllm_xargs keys {reserved} are reserved for the server", param="vllm_xargs")
-        asked = {v for v in (request.pop("steering", None), xargs.pop("steering", None)) if v is not None}
-        if any(not isinstance(v, str) for v in asked):
-            raise APIError(400, "'steering' must be a profile name (string)", param="steering",
-                           code="invalid_steering_field")
-        if len(asked) > 1:
-            raise APIError(400, f"conflicting steering profiles {sorted(asked)} in 'steering' and 'vllm_xargs'",
-                           param="steering", code="conflicting_steering")
-        name = next(iter(asked), None)
-        if bound is not None:
-            if name is not None and name != bound:
-                raise APIError(403, f"this API key is bound to steering profile {bound!r}; it cannot be overridden",
-                               param="steering", code="steering_override_forbidden")
-            name = bound
-        active = None
-        if name is not None:
-            store = self.store_getter()
-            if store is None:
-                raise APIError(503, "the engine is still loading", code="not_ready")
-            active = store.acquire(name)
-            xargs.update({XARG_NAME: name, XARG_SLOT: active.slot, XARG_HASH: active.content_hash[:16]})
-            request["cache_salt"] = cache_salt_for(active.content_hash, request.get("cache_salt"))
-        if xargs:
-            request["vllm_xargs"] = xargs
-        else:
-            request.pop("vllm_xargs", None)
-        return json.dumps(request).encode(), active
+        in_xargs = None
+        if isinstance(xargs, dict):
+            reserved = sorted(k for k in xargs if isinstance(k, str) and contract.is_reserved(k))
+            if reserved:
+                raise APIError(400, f"vllm_xargs keys {reserved} are reserved for the server", param="vllm_xargs",
+                               code="reserved_vllm_xargs")
+        if isinstance(xargs, dict) and contract.REQUEST_FIELD in xargs:
+            changed = True
+            in_xargs = xargs.pop(contract.REQUEST_FIELD)
+            if not xargs:
+                request.pop("vllm_xargs")
+        for name in (top, in_xargs):
+            if name is not None and not (isinstance(name, str) and NAME_PATTERN.match(name)):
+                raise APIError(400, f"'steering' must be a profile name ({NAME_RULE}), got {name!r:.80}",
+                               param=contract.REQUEST_FIELD, code="invalid_steering_field")
+        asked = top if top is not None else in_xargs
+        try:
+            resolve_profile(RequestContext(bound=caller.bound, asked=top), in_xargs)  # 400/403 before any route
+        except SteeringRefused as refused:
+            raise APIError(refused.status, str(refused), param=contract.REQUEST_FIELD, code=refused.reason) from None
+        if not changed:
+            return body, None
+        rewritten = json.dumps(request).encode()
+        # the body changed size: keep the header truthful for whatever reads it
+        scope["headers"] = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
+        scope["headers"].append((b"content-length", str(len(rewritten)).encode()))
+        return rewritten, asked
 
 
-async def _read_body(receive) -> bytes:
+def looks_like_json(body: bytes, scope) -> bool:
+    """JSON by its content type, or by its first byte whatever the type says (some routes parse
+    the body themselves regardless of the header, so a field must not hide behind it)."""
+    content_type = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1").lower()
+    if "json" in content_type:
+        return True
+    return body.lstrip()[:1] in (b"{", b"[")
+
+
+def parse_json(body: bytes):
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise APIError(400, "request body is not valid UTF-8", code="invalid_body") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", code="invalid_body") from None
+    except ValueError as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+async def read_body(receive) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise APIError(400, "client disconnected before sending the body")
+            raise APIError(400, "client disconnected before sending the body", code="client_disconnected")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def replaying(body: bytes, receive):
+    """A receive() that hands the app the (rewritten) body once, then the client's own messages."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # then wait for disconnect, as the app expects
+
+    return replay
+
+
+async def refuse(scope, send, err: APIError) -> None:
+    if scope["type"] == "websocket":
+        # before accept: the handshake is answered 403; the close code says why
+        await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
+        return
+    await send_openai_error(send, err.status, err.message, param=err.param, code=err.code)

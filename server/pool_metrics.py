@@ -26,8 +26,9 @@ import torch
 from prometheus_client import Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from unipool_serve.model_executor.steering.contract import RPC_ROUTING_STATS
+
 logger = logging.getLogger("unipool_serve.server")
-STATS_RPC = "unipool_routing_stats"
 
 
 class PoolMetrics:
@@ -63,7 +64,7 @@ class PoolMetrics:
     async def refresh(self, engine_client) -> torch.Tensor:
         """Read the engine's cumulative counts; returns (and keeps) the total since serving started."""
         async with self._reading:
-            results = await engine_client.collective_rpc(STATS_RPC)
+            results = await engine_client.collective_rpc(RPC_ROUTING_STATS)
         counts = torch.as_tensor(results[0], dtype=torch.int64)  # [L, E]; every TP rank routes alike
         if self.baseline is None:
             self.baseline = counts.clone()

@@ -1,10 +1,12 @@
 """The API process's view of the steering profiles: files, names, engine table slots.
 
-Each loaded profile occupies one row ("slot", 1..max_profiles) of the engine's
-steering tables; row 0 means no steering. A deleted profile disappears from the
-name map at once (new requests cannot use it), but its row is only recycled once
-every request that started with it has finished: running requests keep the
-profile they started with.
+Each loaded profile occupies one row ("slot", 1..max_profiles) of the engine's steering
+tables; row 0 means no steering. A deleted or replaced profile disappears from the name
+map at once (new requests cannot use it), but its row is recycled only once no request
+that was admitted with it is still alive in the engine: running requests keep the
+profile they started with. Which requests are alive is asked of the engine client
+(`is_live`), so a request pinned here needs no release call, whatever way it ends
+(finished, aborted, client gone, background task).
 """
 
 from __future__ import annotations
@@ -14,21 +16,37 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unipool_serve.model_executor.steering_profile import SteeringProfile, SteeringProfileError, check_name
-
-from .errors import APIError
+from unipool_serve.model_executor.steering.profile import SteeringProfile, SteeringProfileError, check_name
 
 logger = logging.getLogger("unipool_serve.server")
 
 PushFn = Callable[[int, SteeringProfile | None], Awaitable[None]]
 
 
-@dataclass
+class ProfileStoreError(Exception):
+    """A profile operation that cannot be done; `code` names the case for clients."""
+
+    code = "steering_error"
+
+
+class UnknownProfile(ProfileStoreError):
+    code = "unknown_steering_profile"
+
+
+class ProfileExists(ProfileStoreError):
+    code = "steering_profile_exists"
+
+
+class SlotsFull(ProfileStoreError):
+    code = "steering_slots_full"
+
+
+@dataclass(eq=False)
 class ActiveProfile:
     profile: SteeringProfile
     slot: int
     content_hash: str
-    in_flight: int = 0
+    pinned_by: set[str] = field(default_factory=set)  # engine request ids admitted with it
     deleted: bool = False
 
 
@@ -36,10 +54,11 @@ class ActiveProfile:
 class ProfileStore:
     """Profiles by name, backed by a folder of `<name>.safetensors` files (optional)."""
 
-    config: object  # UniPoolConfig of the served model
+    config: object  # the served model's config (profiles are checked against it)
     max_profiles: int
     directory: Path | None = None
     push: PushFn | None = None  # writes (slot, profile) into every worker's table; None clears
+    is_live: Callable[[str], bool] = lambda request_id: False  # is this engine request still running?
     by_name: dict[str, ActiveProfile] = field(default_factory=dict)
     retiring: list[ActiveProfile] = field(default_factory=list)
     load_errors: dict[str, str] = field(default_factory=dict)
@@ -57,10 +76,9 @@ class ProfileStore:
                 if profile.name != path.stem:
                     raise SteeringProfileError(f"{path}: file name must be <name>.safetensors (name is {profile.name!r})")
                 await self.add(profile, persist=False)
-            except (SteeringProfileError, APIError, OSError) as exc:
-                message = getattr(exc, "message", str(exc))
-                self.load_errors[path.name] = message
-                logger.error("steering profile %s not loaded: %s", path, message)
+            except (SteeringProfileError, ProfileStoreError, OSError) as exc:
+                self.load_errors[path.name] = str(exc)
+                logger.error("steering profile %s not loaded: %s", path, exc)
 
     # ---- requests ----------------------------------------------------------
     def names(self) -> list[str]:
@@ -69,31 +87,25 @@ class ProfileStore:
     def get(self, name: str) -> ActiveProfile:
         active = self.by_name.get(name)
         if active is None:
-            raise APIError(404, f"steering profile {name!r} not found; available: {self.names()}",
-                           param="steering", code="steering_profile_not_found")
+            raise UnknownProfile(f"unknown steering profile {name!r}; available profiles: {self.names()}")
         return active
 
-    def acquire(self, name: str) -> ActiveProfile:
-        """Pin a profile for one request (its slot is not recycled until `release`)."""
-        active = self.by_name.get(name)
-        if active is None:
-            raise APIError(400, f"unknown steering profile {name!r}; available profiles: {self.names()}",
-                           param="steering", code="unknown_steering_profile")
-        active.in_flight += 1
-        return active
+    def pin(self, active: ActiveProfile, request_id: str) -> None:
+        """Keep `active`'s row until engine request `request_id` has left the engine."""
+        active.pinned_by.add(request_id)
 
-    async def release(self, active: ActiveProfile) -> None:
-        active.in_flight -= 1
-        if active.deleted and active.in_flight == 0:
-            await self._free(active)
+    def running(self, active: ActiveProfile) -> int:
+        """How many admitted requests still run with this profile (forgets the finished ones)."""
+        active.pinned_by = {r for r in active.pinned_by if self.is_live(r)}
+        return len(active.pinned_by)
 
     # ---- admin -------------------------------------------------------------
     async def add(self, profile: SteeringProfile, *, persist: bool = True, replace: bool = False) -> ActiveProfile:
         profile.validate(self.config)
         if profile.name in self.by_name and not replace:
-            raise APIError(409, f"steering profile {profile.name!r} already exists; DELETE it first",
-                           param="name", code="steering_profile_exists")
-        slot = self._free_slot()
+            raise ProfileExists(f"steering profile {profile.name!r} already exists; DELETE it first "
+                                "(or upload with ?replace=true)")
+        slot = await self._free_slot()
         if persist and self.directory is not None:
             profile.save(self.directory / f"{profile.name}.safetensors")
         if self.push is not None:
@@ -105,31 +117,32 @@ class ProfileStore:
         logger.info("steering profile %r loaded into slot %d", profile.name, slot)
         return active
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str) -> int:
+        """Delete a profile; returns how many admitted requests still run with it."""
         check_name(name)
         active = self.get(name)
         if self.directory is not None:
             (self.directory / f"{name}.safetensors").unlink(missing_ok=True)
         del self.by_name[name]
-        await self._retire(active)
+        return await self._retire(active)
 
-    async def _retire(self, active: ActiveProfile) -> None:
+    async def _retire(self, active: ActiveProfile) -> int:
         active.deleted = True
-        if active.in_flight == 0:
-            await self._free(active)
-        else:
+        running = self.running(active)
+        if running:
             self.retiring.append(active)
-
-    async def _free(self, active: ActiveProfile) -> None:
-        if active in self.retiring:
-            self.retiring.remove(active)
-        if self.push is not None:
+        elif self.push is not None:
             await self.push(active.slot, None)
+        return running
 
-    def _free_slot(self) -> int:
+    async def _free_slot(self) -> int:
+        for active in [a for a in self.retiring if not self.running(a)]:
+            self.retiring.remove(active)
+            if self.push is not None:
+                await self.push(active.slot, None)
         used = {a.slot for a in self.by_name.values()} | {a.slot for a in self.retiring}
         for slot in range(1, self.max_profiles + 1):
             if slot not in used:
                 return slot
-        raise APIError(409, f"all {self.max_profiles} steering slots are in use; delete a profile first "
-                       "(or start the server with a larger UNIPOOL_MAX_STEERING_PROFILES)", code="steering_slots_full")
+        raise SlotsFull(f"all {self.max_profiles} steering slots are in use; delete a profile first "
+                        "(or start the server with a larger UNIPOOL_MAX_STEERING_PROFILES)")

@@ -1,4 +1,9 @@
-"""HTTP routes that are ours: steering profiles and readiness."""
+"""HTTP routes that are ours: steering profiles and readiness.
+
+Any accepted key lists the profiles by name and description; their content (digest,
+per-layer rows) is shown to the admin key only, unless UNIPOOL_PUBLIC_PROFILE_DETAILS=1.
+Uploads and deletions need the admin key.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,15 @@ import functools
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from unipool_serve.model_executor.steering_profile import SteeringProfile, SteeringProfileError, check_name
+from unipool_serve.model_executor.steering import contract
+from unipool_serve.model_executor.steering.profile import SteeringProfile, SteeringProfileError, check_name
 
 from .errors import APIError, openai_error
+from .profile_store import ProfileExists, ProfileStoreError, SlotsFull, UnknownProfile
 
 MAX_PROFILE_BYTES = 8 << 20
 router = APIRouter()
+STORE_ERROR_STATUS = {UnknownProfile: 404, ProfileExists: 409, SlotsFull: 409}
 
 
 def _store(request: Request):
@@ -22,23 +30,32 @@ def _store(request: Request):
     return store
 
 
+def _is_admin(request: Request) -> bool:
+    return bool(request.scope.get("state", {}).get("unipool_admin"))
+
+
 def _require_admin(request: Request) -> None:
-    policy = request.app.state.unipool_policy
-    if not policy.admin_key:
+    if not request.app.state.unipool_policy.admin_key:
         raise APIError(403, "profile changes are disabled: the server was started without --admin-key",
                        code="admin_disabled")
-    if not request.scope.get("state", {}).get("unipool_admin"):
+    if not _is_admin(request):
         raise APIError(403, "this operation needs the admin key", code="admin_required")
 
 
+def _shows_details(request: Request) -> bool:
+    return _is_admin(request) or request.app.state.unipool_settings.public_profile_details
+
+
 def _api(handler):
-    """Turn APIError and profile errors into the OpenAI envelope."""
+    """Turn APIError, store errors and profile errors into the OpenAI envelope."""
     @functools.wraps(handler)
     async def wrapper(*args, **kwargs):
         try:
             return await handler(*args, **kwargs)
         except APIError as err:
             return openai_error(err.status, err.message, param=err.param, code=err.code)
+        except ProfileStoreError as err:
+            return openai_error(STORE_ERROR_STATUS.get(type(err), 400), str(err), code=err.code)
         except SteeringProfileError as err:
             return openai_error(400, str(err), code="invalid_steering_profile")
     return wrapper
@@ -56,9 +73,13 @@ async def ready(request: Request):
 @router.get("/v1/steering/profiles")
 @_api
 async def list_profiles(request: Request):
-    store = _store(request)
-    data = [{"object": "steering_profile", "id": name, "description": a.profile.description,
-             "alpha": a.profile.alpha, "content_hash": a.content_hash[:16]} for name, a in sorted(store.by_name.items())]
+    store, details = _store(request), _shows_details(request)
+    data = []
+    for name, active in sorted(store.by_name.items()):
+        entry = {"object": "steering_profile", "id": name, "description": active.profile.description}
+        if details:
+            entry |= {"alpha": active.profile.alpha, "content_hash": contract.digest(active.content_hash)}
+        data.append(entry)
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -66,7 +87,10 @@ async def list_profiles(request: Request):
 @_api
 async def get_profile(name: str, request: Request):
     check_name(name)
-    return JSONResponse({"object": "steering_profile", **_store(request).get(name).profile.summary()})
+    profile = _store(request).get(name).profile
+    if not _shows_details(request):
+        return JSONResponse({"object": "steering_profile", "name": profile.name, "description": profile.description})
+    return JSONResponse({"object": "steering_profile", **profile.summary()})
 
 
 @router.post("/v1/steering/profiles", status_code=201)
@@ -77,12 +101,12 @@ async def upload_profile(request: Request, replace: bool = False):
     store = _store(request)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_PROFILE_BYTES:
-        raise APIError(413, f"profile file larger than {MAX_PROFILE_BYTES} bytes")
+        raise APIError(413, f"profile file larger than {MAX_PROFILE_BYTES} bytes", code="body_too_large")
     data = bytearray()
     async for chunk in request.stream():
         data += chunk
         if len(data) > MAX_PROFILE_BYTES:
-            raise APIError(413, f"profile file larger than {MAX_PROFILE_BYTES} bytes")
+            raise APIError(413, f"profile file larger than {MAX_PROFILE_BYTES} bytes", code="body_too_large")
     profile = SteeringProfile.from_bytes(bytes(data), store.config, source="uploaded profile")
     active = await store.add(profile, replace=replace)
     return JSONResponse({"object": "steering_profile", **active.profile.summary()}, status_code=201)
@@ -93,5 +117,6 @@ async def upload_profile(request: Request, replace: bool = False):
 async def delete_profile(name: str, request: Request):
     _require_admin(request)
     check_name(name)
-    await _store(request).remove(name)
-    return JSONResponse({"object": "steering_profile.deleted", "id": name, "deleted": True})
+    running = await _store(request).remove(name)
+    return JSONResponse({"object": "steering_profile.deleted", "id": name, "deleted": True,
+                         "running_requests": running})

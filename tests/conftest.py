@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
     """write(name, seed=0, **config_overrides) -> folder; cached by (name, seed, overrides)."""
-    from unipool_serve.model_executor.tiny_model import write_tiny_model
+    from unipool_serve.demo.tiny_model import write_tiny_model
 
     cache = {}
 

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 
 from unipool_serve.model_executor.config import UniPoolConfig
-from unipool_serve.model_executor.steering_profile import SteeringProfile
-from unipool_serve.model_executor.tiny_model import write_tiny_model
+from unipool_serve.model_executor.steering.profile import SteeringProfile
+from unipool_serve.demo.tiny_model import write_tiny_model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from unipool_serve.kernels.routing_reference import route
-from unipool_serve.model_executor.reference_model import UniPoolForCausalLM
+from unipool_serve.model_executor.reference.model import UniPoolForCausalLM
 
 
 def load(model_dir: Path, dtype: torch.dtype) -> UniPoolForCausalLM:
@@ -50,8 +49,7 @@ def _layer_ids(model: UniPoolForCausalLM, router_logits) -> list[torch.Tensor]:
     out = []
     for layer, logits in zip(model.model.layers, router_logits):
         router = layer.moe.router
-        ids, _ = route(logits, cfg.num_experts_per_tok, cfg.router_type, renormalize=cfg.norm_topk_prob,
-                       norm_scale=getattr(router, "norm_scale", 1.0), norm_c=cfg.norm_router_c or 1.0)
+        ids, _ = router.route(logits, layer.moe.layer_idx, None)
         out.append(ids)  # [T, k]
     return out
 

@@ -52,14 +52,15 @@ def _mac(secret: bytes, *parts: object) -> str:
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
-def steering_args(secret: bytes, request_id: str, name: str, slot: int, row_digest: str) -> dict:
-    """The reserved extra_args that steer engine request `request_id` with one table row."""
+def steering_args(secret: bytes, name: str, slot: int, row_digest: str) -> dict:
+    """The reserved extra_args that steer a request with one table row (signed: clients never
+    see these fields, and cannot produce them)."""
     return {ARG_NAME: name, ARG_SLOT: slot, ARG_DIGEST: row_digest,
-            ARG_SIGNATURE: _mac(secret, "request", request_id, slot, row_digest)}
+            ARG_SIGNATURE: _mac(secret, "row", slot, row_digest)}
 
 
-def verified_row(extra_args: Mapping | None, secret: bytes | None, request_id: str) -> tuple[int, str] | None:
-    """(slot, digest) when `extra_args` carry a steering row signed for `request_id`, else None.
+def verified_row(extra_args: Mapping | None, secret: bytes | None) -> tuple[int, str] | None:
+    """(slot, digest) when `extra_args` carry a signed steering row, None when they carry none.
 
     Raises ValueError when steering fields are present but not signed by `secret`.
     """
@@ -68,7 +69,7 @@ def verified_row(extra_args: Mapping | None, secret: bytes | None, request_id: s
     slot, row_digest, signature = extra_args.get(ARG_SLOT), extra_args.get(ARG_DIGEST), extra_args.get(ARG_SIGNATURE)
     if secret is None:
         raise ValueError("steering fields present but this engine never received the API process's secret")
-    expected = _mac(secret, "request", request_id, slot, row_digest)
+    expected = _mac(secret, "row", slot, row_digest)
     if not isinstance(signature, str) or not hmac.compare_digest(signature, expected):
         raise ValueError("steering fields not signed by the API process")
     return int(slot), str(row_digest)
@@ -77,6 +78,17 @@ def verified_row(extra_args: Mapping | None, secret: bytes | None, request_id: s
 def profile_auth(secret: bytes, slot: int, row_digest: str | None) -> str:
     """Authenticates one RPC_SET_PROFILE call (digest None: clear the row)."""
     return _mac(secret, "profile", slot, row_digest)
+
+
+def set_profile_args(secret: bytes, slot: int, profile) -> tuple:
+    """RPC_SET_PROFILE's arguments for writing `profile` (a SteeringProfile) into `slot`, or
+    clearing it (profile None). Plain lists: tensors do not survive the engine core's
+    re-pickling to the workers."""
+    if profile is None:
+        return (slot, None, None, None, profile_auth(secret, slot, None))
+    row_digest = digest(profile.content_hash())
+    return (slot, profile.bias_rows().tolist(), profile.mask_rows().tolist(), row_digest,
+            profile_auth(secret, slot, row_digest))
 
 
 def cache_salt(secret: bytes, content_hash: str, user_salt: str | None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unipool_serve.model_executor.demo_eval import DEMO_MODEL_DIR
+from unipool_serve.demo.eval import DEMO_MODEL_DIR
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,14 +25,14 @@ def demo_dir():
 @pytest.fixture(scope="session")
 def demo(demo_dir):
     """(model, tokenizer) of the shipped demo folder through the reference model."""
-    from unipool_serve.model_executor.demo_eval import load_demo
+    from unipool_serve.demo.eval import load_demo
 
     return load_demo(demo_dir)
 
 
 @pytest.fixture(scope="session")
 def demo_profiles(demo, demo_dir):
-    from unipool_serve.model_executor.steering_profile import SteeringProfile
+    from unipool_serve.model_executor.steering.profile import SteeringProfile
 
     model, _ = demo
     return {p.stem: SteeringProfile.load(p, model.config) for p in sorted((demo_dir / "steering").glob("*.safetensors"))}

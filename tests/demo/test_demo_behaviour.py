@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
-from unipool_serve.model_executor.demo_classifier import classify
-from unipool_serve.model_executor.demo_eval import PROMPTS_CODE, PROMPTS_PROSE, greedy_continuations
+from unipool_serve.demo.classifier import classify
+from unipool_serve.demo.eval import PROMPTS_CODE, PROMPTS_PROSE, greedy_continuations
 
 N = 10
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from unipool_serve.model_executor.demo_classifier import classify, code_score, markers
-from unipool_serve.model_executor.demo_corpus import HELDOUT_SEED, documents
+from unipool_serve.demo.classifier import classify, code_score, markers
+from unipool_serve.demo.corpus import HELDOUT_SEED, documents
 
 
 def test_obvious_examples():

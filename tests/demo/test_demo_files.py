@@ -49,7 +49,7 @@ def test_config_is_the_documented_shape(demo):
 def test_loads_through_auto_classes(demo_dir):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from unipool_serve.model_executor.hf_registration import register_hf
+    from unipool_serve.model_executor.reference.hf_registration import register_hf
 
     register_hf()
     assert AutoConfig.from_pretrained(str(demo_dir)).model_type == "unipool"
@@ -74,7 +74,7 @@ def test_tokenizer_file_matches_training_record(demo_dir):
 
 
 def test_profiles_load_and_validate(demo, demo_profiles):
-    from unipool_serve.model_executor.steering_profile import SteeringProfile
+    from unipool_serve.model_executor.steering.profile import SteeringProfile
 
     model, _ = demo
     assert set(demo_profiles) == {"prose", "code"}

@@ -7,7 +7,7 @@ import httpx
 import pytest
 from server_launcher import run_server
 
-from unipool_serve.model_executor.demo_eval import MAX_NEW_TOKENS, PROMPTS_CODE, greedy_continuations, kind_shares
+from unipool_serve.demo.eval import MAX_NEW_TOKENS, PROMPTS_CODE, greedy_continuations, kind_shares
 
 pytestmark = pytest.mark.server
 

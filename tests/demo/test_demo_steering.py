@@ -17,7 +17,7 @@ import json
 
 import pytest
 
-from unipool_serve.model_executor.demo_eval import PROMPTS_CODE, PROMPTS_PROSE, measure, random_like
+from unipool_serve.demo.eval import PROMPTS_CODE, PROMPTS_PROSE, measure, random_like
 
 N = 20
 

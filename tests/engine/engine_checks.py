@@ -63,7 +63,7 @@ def env(**values):
 def reference_model(path: Path):
     from transformers import AutoModelForCausalLM
 
-    from unipool_serve.model_executor.hf_registration import register_hf
+    from unipool_serve.model_executor.reference.hf_registration import register_hf
 
     register_hf()
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

@@ -1,8 +1,8 @@
 """Per-request steering inside the vLLM engine (steering worker + persistent tables).
 
 One engine with the steering worker for the module, plus one plain engine for the
-"no steering support" baseline. Profiles are pushed the way the server does it
-(`collective_rpc("unipool_set_profile")`) and requests carry the same extra_args.
+"no steering support" baseline. Profiles are pushed and requests steered through
+OfflineSteering, which speaks the server's contract (steering/contract.py).
 """
 
 import pytest
@@ -10,12 +10,13 @@ import torch
 
 from engine_checks import LOGPROB_TOL, prompts, reference_model, start_engine, stop_engine
 from unipool_serve.model_executor.config import UniPoolConfig
-from unipool_serve.model_executor.steering_profile import SteeringProfile
-from unipool_serve.server.gateway import cache_salt_for
+from unipool_serve.model_executor.steering import contract
+from unipool_serve.model_executor.steering.offline import OfflineSteering
+from unipool_serve.model_executor.steering.profile import SteeringProfile
 
 pytestmark = pytest.mark.engine
 
-WORKER = "unipool_serve.model_executor.steering_worker.SteeringWorker"
+WORKER = "unipool_serve.model_executor.steering.worker.SteeringWorker"
 LAYOUT = dict(num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, router_type="softmax",
               norm_topk_prob=True, expert_intermediate_size=64, initializer_range=0.1)
 SEED = 5
@@ -58,21 +59,11 @@ def plain_tokens(model_dir):
 @pytest.fixture(scope="module")
 def llm(model_dir, profiles, plain_tokens):  # plain_tokens first: never two engines at once
     engine = start_engine(model_dir, worker_cls=WORKER, enable_prefix_caching=True)
-    slots = {}
-    for slot, (name, profile) in enumerate(profiles.items(), start=1):
-        engine.collective_rpc("unipool_set_profile", args=(slot, profile.bias_rows().tolist(),
-                                                           profile.mask_rows().tolist(), profile.content_hash()[:16]))
-        slots[name] = slot
-    engine.unipool_slots = slots
+    engine.unipool_steering = OfflineSteering(engine)
+    for profile in profiles.values():
+        engine.unipool_steering.add(profile)
     yield engine
     stop_engine(engine)
-
-
-def _extra(llm, profiles, name):
-    if name is None:
-        return None
-    return {"unipool_steering": name, "unipool_steering_slot": llm.unipool_slots[name],
-            "unipool_steering_hash": profiles[name].content_hash()[:16]}
 
 
 def _generate(llm, prompt_ids, names, profiles):
@@ -80,13 +71,14 @@ def _generate(llm, prompt_ids, names, profiles):
     from vllm import SamplingParams
 
     names = names or [None] * len(prompt_ids)
+    steering = getattr(llm, "unipool_steering", None)
     params, inputs = [], []
     for p, name in zip(prompt_ids, names):
         params.append(SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True,
-                                     extra_args=_extra(llm, profiles, name)))
+                                     extra_args=steering.extra_args(name) if name else None))
         request = {"prompt_token_ids": p}
         if name is not None:
-            request["cache_salt"] = cache_salt_for(profiles[name].content_hash(), None)
+            request["cache_salt"] = steering.cache_salt(name)
         inputs.append(request)
     return [list(o.outputs[0].token_ids) for o in llm.generate(inputs, params, use_tqdm=False)]
 
@@ -156,15 +148,37 @@ def test_prefix_caching_keeps_profiles_apart(llm, profiles, model_dir):
     assert again == second
 
 
-def test_a_replaced_row_is_served_unsteered_not_with_the_wrong_profile(llm, profiles):
-    # A request that names a row whose content hash changed (the API layer prevents this by
-    # pinning rows) must not be steered by whatever now occupies the row.
-    p = prompts(seed=15, lengths=(13,))
-    stale = {"unipool_steering": "bias", "unipool_steering_slot": llm.unipool_slots["bias"],
-             "unipool_steering_hash": "0000000000000000"}
+def _run_with_extra_args(llm, prompt, extra):
     from vllm import SamplingParams
 
-    out = llm.generate([{"prompt_token_ids": p[0]}],
-                       SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True, extra_args=stale),
+    out = llm.generate([{"prompt_token_ids": prompt}],
+                       SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True, extra_args=extra),
                        use_tqdm=False)
-    assert list(out[0].outputs[0].token_ids) == _generate(llm, p, None, profiles)[0]
+    return list(out[0].outputs[0].token_ids)
+
+
+def test_a_replaced_row_is_served_unsteered_not_with_the_wrong_profile(llm, profiles):
+    # A request that names a row whose content changed (the API layer prevents this by
+    # pinning rows) must not be steered by whatever now occupies the row.
+    p = prompts(seed=15, lengths=(13,))
+    slot = llm.unipool_steering.rows["bias"][0]
+    stale = contract.steering_args(llm.unipool_steering.secret, "bias", slot, "0000000000000000")
+    assert _run_with_extra_args(llm, p[0], stale) == _generate(llm, p, None, profiles)[0]
+
+
+def test_forged_steering_fields_are_ignored(llm, profiles):
+    # Steering fields not signed by the secret the engine was given (what a client could write
+    # if any path let it reach extra_args) select nothing: the request runs unsteered.
+    p = prompts(seed=16, lengths=(13,))
+    computed = len(p[0]) + TOKENS - 1
+    slot, profile = llm.unipool_steering.rows["with-e7"]
+    forged = contract.steering_args(b"not the engine's secret", "with-e7", slot,
+                                    contract.digest(profile.content_hash()))
+    runs = {}
+    for kind, run in (("signed", lambda: _generate(llm, p, ["with-e7"], profiles)[0]),
+                      ("plain", lambda: _generate(llm, p, None, profiles)[0]),
+                      ("forged", lambda: _run_with_extra_args(llm, p[0], forged))):
+        before = _routing_counts(llm)
+        runs[kind] = (run(), _routing_counts(llm) - before)
+    assert (runs["signed"][1][:, 7] == computed).all()  # the signed row steers: every token to expert 7
+    assert runs["forged"][0] == runs["plain"][0] and torch.equal(runs["forged"][1], runs["plain"][1])

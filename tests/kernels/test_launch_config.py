@@ -13,8 +13,8 @@ from unipool_serve.kernels.launch_config import MoELaunchConfig, config_file_nam
 
 @pytest.fixture
 def config_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(launch_config.CONFIG_DIR_ENV, str(tmp_path))
-    launch_config.load_tuned_configs.cache_clear()
+    monkeypatch.setattr(launch_config, "_extra_dirs", [])
+    launch_config.use_config_dir(tmp_path)
     yield tmp_path
     launch_config.load_tuned_configs.cache_clear()
 

@@ -10,6 +10,7 @@ from kernel_checks import DEVICE, steering_tables
 
 from unipool_serve.kernels.routing import fused_route
 from unipool_serve.kernels.routing_reference import route_with_table
+from unipool_serve.kernels.routing_spec import RoutingSpec, SteeringView
 
 # (router_type, renormalize, norm_scale as a device tensor)
 ROUTERS = [
@@ -30,15 +31,16 @@ def _poisoned_out(num_tokens: int, top_k: int):
     return ids, weights
 
 
-def _check(logits, steer, bias, mask, layer, top_k, router_type, **kwargs):
+def _check(logits, steer, bias, mask, layer, top_k, router_type, *, renormalize=False, norm_scale=1.0,
+           norm_c=1.0):
+    spec = RoutingSpec.of(router_type, top_k, renormalize=renormalize, norm_c=norm_c)
     out = _poisoned_out(logits.shape[0], top_k)
-    ids, weights = fused_route(logits, steer, bias, mask, layer, top_k, router_type, out=out, **kwargs)
+    steering = None if steer is None else SteeringView(steer, bias, mask)
+    ids, weights = fused_route(logits, steering, layer, spec, norm_scale, out=out)
     assert ids.data_ptr() == out[0].data_ptr() and weights.data_ptr() == out[1].data_ptr()
-    ref_kwargs = dict(kwargs)
-    if isinstance(kwargs.get("norm_scale"), torch.Tensor):
-        ref_kwargs["norm_scale"] = kwargs["norm_scale"].cpu()
-    ref_ids, ref_w = route_with_table(logits.cpu(), steer.cpu(), bias.cpu(), mask.cpu(), layer, top_k,
-                                      router_type, **ref_kwargs)
+    ref_scale = norm_scale.cpu() if isinstance(norm_scale, torch.Tensor) else norm_scale
+    ref_steering = None if steer is None else SteeringView(steer.cpu(), bias.cpu(), mask.cpu())
+    ref_ids, ref_w = route_with_table(logits.cpu(), ref_steering, layer, spec, ref_scale)
     torch.testing.assert_close(ids.cpu(), ref_ids, rtol=0, atol=0)
     torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-6, equal_nan=True)
     return ids, weights
@@ -115,15 +117,25 @@ def test_strided_logits_and_layer_choice():
         _check(logits, steer, bias, mask, layer, 2, "sigmoid", renormalize=True)
 
 
+@pytest.mark.parametrize("router_type", ["norm", "softmax", "sigmoid"])
+def test_unsteered_variant_equals_the_zero_row(router_type):
+    # steering None (UNIPOOL_STEERING=0) compiles the kernel without the tables: same routing as row 0.
+    logits, steer, bias, mask = _inputs(33, 24, seed=7)
+    plain, _ = _check(logits, None, None, None, 1, 2, router_type, norm_scale=1.3)
+    zero_rows, _ = _check(logits, torch.zeros_like(steer), bias, mask, 1, 2, router_type, norm_scale=1.3)
+    assert torch.equal(plain, zero_rows)
+
+
 def test_rejects_bad_inputs():
     logits, steer, bias, mask = _inputs(4, 8, seed=1)
+    spec = RoutingSpec.of("softmax", 2)
     with pytest.raises(AssertionError):
-        fused_route(logits, steer.long(), bias, mask, 0, 2, "softmax")
+        fused_route(logits, SteeringView(steer.long(), bias, mask), 0, spec)
     with pytest.raises(AssertionError):
-        fused_route(logits, steer, bias, mask.float(), 0, 2, "softmax")
+        fused_route(logits, SteeringView(steer, bias, mask.float()), 0, spec)
     with pytest.raises(AssertionError):
-        fused_route(logits, steer, bias, mask, 0, 9, "softmax")  # k > E
+        fused_route(logits, SteeringView(steer, bias, mask), 0, RoutingSpec.of("softmax", 9))  # k > E
     with pytest.raises(AssertionError):
-        fused_route(logits, steer, bias, mask, 3, 2, "softmax")  # layer out of range
-    with pytest.raises(ValueError, match="router_type"):
-        fused_route(logits, steer, bias, mask, 0, 2, "topk")
+        fused_route(logits, SteeringView(steer, bias, mask), 3, spec)  # layer out of range
+    with pytest.raises(ValueError, match="router kind"):
+        RoutingSpec.of("topk", 2)

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from server_launcher import run_server
 
-from unipool_serve.model_executor.steering_profile import SteeringProfile
-from unipool_serve.model_executor.tiny_model import tiny_config
+from unipool_serve.model_executor.steering.profile import SteeringProfile
+from unipool_serve.demo.tiny_model import tiny_config
 
 API_KEY, BOUND_KEY, ADMIN_KEY = "user-key", "kid-key", "admin-key"
 

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from unipool_serve.model_executor.steering_profile import SteeringProfile
-from unipool_serve.model_executor.tiny_model import tiny_config
+from unipool_serve.model_executor.steering.profile import SteeringProfile
+from unipool_serve.demo.tiny_model import tiny_config
 
 from server_process import ADMIN_KEY, API_KEY, BOUND_KEY, expert_bias
 

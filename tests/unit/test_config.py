@@ -1,7 +1,7 @@
 import pytest
 
 from unipool_serve.model_executor.config import UniPoolConfig, norm_router_constant
-from unipool_serve.model_executor.tiny_model import tiny_config
+from unipool_serve.demo.tiny_model import tiny_config
 
 
 def test_norm_router_constant_is_reproducible_and_documented():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -59,8 +60,9 @@ def test_overridden_packages_are_never_locked():
 
 def test_installed_environment_is_exactly_the_lock():
     locked = pins("cpu.txt")
+    site = [sysconfig.get_paths()["purelib"]]  # not sys.path: setuptools adds its vendored copies there
     installed = {canonicalize_name(d.metadata["Name"]): Version(d.version)
-                 for d in importlib.metadata.distributions()}
+                 for d in importlib.metadata.distributions(path=site)}
     installed.pop("unipool-serve")  # the project itself, installed editable on top of the lock
     assert {n: v for n, v in installed.items() if locked.get(n) != v} == {}, (
         "packages installed that the lock does not pin (or at other versions): re-run `make setup`")

@@ -8,9 +8,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from unipool_serve.kernels.moe_reference import pool_moe
-from unipool_serve.model_executor.hf_registration import register_hf
-from unipool_serve.model_executor.reference_model import UniPoolForCausalLM
-from unipool_serve.model_executor.tiny_model import tiny_config
+from unipool_serve.model_executor.reference.hf_registration import register_hf
+from unipool_serve.model_executor.reference.model import UniPoolForCausalLM
+from unipool_serve.demo.tiny_model import tiny_config
 
 register_hf()
 

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from unipool_serve.kernels.routing_reference import route, route_with_table
+from unipool_serve.kernels import routing_reference
+from unipool_serve.kernels.routing_spec import RoutingSpec, SteeringView
+
+
+def route(z, top_k, kind, *, renormalize=False, norm_scale=1.0, norm_c=1.0, bias=None, mask=None):
+    spec = RoutingSpec.of(kind, top_k, renormalize=renormalize, norm_c=norm_c)
+    return routing_reference.route(z, spec, norm_scale, bias=bias, mask=mask)
 
 
 def _logits(t=64, e=16, seed=0):
@@ -95,7 +101,8 @@ def test_route_with_table_gathers_each_tokens_profile_row():
     mask_table[2, 2, 4] = -1  # profile 2 forbids it
     index = torch.tensor([0, 1, 2] * 3 + [1], dtype=torch.int32)
     z = _logits(t=t, e=experts)
-    ids, _ = route_with_table(z, index, bias_table, mask_table, 2, 1, "softmax")
+    ids, _ = routing_reference.route_with_table(z, SteeringView(index, bias_table, mask_table), 2,
+                                                RoutingSpec.of("softmax", 1))
     assert (ids[index == 1] == 4).all()
     assert not (ids[index == 2] == 4).any()
     plain, _ = route(z, 1, "softmax")

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from unipool_serve.model_executor.steering_cli import main as steering_cli
-from unipool_serve.model_executor.steering_profile import SteeringProfile, SteeringProfileError
-from unipool_serve.model_executor.tiny_model import tiny_config
+from unipool_serve.model_executor.steering.cli import main as steering_cli
+from unipool_serve.model_executor.steering.profile import SteeringProfile, SteeringProfileError
+from unipool_serve.demo.tiny_model import tiny_config
 
 CFG = tiny_config()  # 4 layers, 8 experts, top-1
 

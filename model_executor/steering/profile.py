@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .config import UniPoolConfig
+from ..config import UniPoolConfig
+from . import contract
 
 FORMAT = "unipool-steering/1"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -167,7 +168,7 @@ class SteeringProfile:
         return {
             "name": self.name, "description": self.description, "alpha": self.alpha,
             "num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
-            "config_fingerprint": self.config_fingerprint, "content_hash": self.content_hash()[:16],
+            "config_fingerprint": self.config_fingerprint, "content_hash": contract.digest(self.content_hash()),
             "layers": [
                 {"layer": l, "nonzero_bias": int((rows[l] != 0).sum()), "max_abs_bias": float(rows[l].abs().max()),
                  "include": self.include.get(l, []), "exclude": self.exclude.get(l, [])}

@@ -12,8 +12,6 @@ F expert width, k experts per token, L layers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,9 +23,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from unipool_serve.kernels.moe_reference import pool_moe
-from unipool_serve.kernels.routing_reference import route
+from unipool_serve.kernels.routing_spec import SteeringView
 
-from .config import UniPoolConfig
+from ..config import UniPoolConfig
+from ..router import PoolRouter
 
 # (hidden [T,H], w_gate_up [E,2F,H], w_down [E,H,F], ids [T,k], weights [T,k]) -> [T,H]
 ExpertsFn = Callable[..., torch.Tensor]
@@ -40,19 +39,6 @@ class ExpertPool(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden_size))  # [E, 2F, H]
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, width))  # [E, H, F]
-
-
-class Router(nn.Module):
-    """Router weights [E, H], kept in fp32; NormRouter adds its learned scalar sigma."""
-
-    def __init__(self, config: UniPoolConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=torch.float32))
-        if config.router_type == "norm":
-            self.norm_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden.float(), self.weight.float())  # [T, E] fp32
 
 
 class SharedExpert(nn.Module):
@@ -68,54 +54,34 @@ class SharedExpert(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-@dataclass
-class LayerSteering:
-    """One layer's steering rows, broadcastable to [B, S, E]."""
-
-    bias: torch.Tensor | None = None  # fp32, alpha folded in
-    mask: torch.Tensor | None = None  # int8, +1 include / -1 exclude
-
-
 class PoolMoE(nn.Module):
     """A layer's MoE: its router's decision over its pool. Pool and router are references."""
 
-    def __init__(self, config: UniPoolConfig, pool: ExpertPool, router: Router):
+    def __init__(self, config: UniPoolConfig, layer_idx: int, pool: ExpertPool, router: PoolRouter):
         super().__init__()
-        self.config = config
+        self.layer_idx = layer_idx
         # Plain attributes, not submodules: the model owns pools and routers once.
         self.__dict__["pool"] = pool
         self.__dict__["router"] = router
         self.experts_fn: ExpertsFn = pool_moe
 
-    def forward(self, hidden: torch.Tensor, steering: LayerSteering) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, steering: SteeringView | None) -> tuple[torch.Tensor, torch.Tensor]:
         batch, seq, hidden_size = hidden.shape
         flat = hidden.reshape(-1, hidden_size)  # [T, H]
         logits = self.router.logits(flat)  # [T, E]
-        num_experts = logits.shape[-1]
-
-        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.expand(batch, seq, num_experts).reshape(-1, num_experts)
-
-        cfg = self.config
-        ids, weights = route(
-            logits, cfg.num_experts_per_tok, cfg.router_type,
-            renormalize=cfg.norm_topk_prob,
-            norm_scale=getattr(self.router, "norm_scale", 1.0),
-            norm_c=cfg.norm_router_c or 1.0,
-            bias=rows(steering.bias), mask=rows(steering.mask),
-        )  # ids, weights: [T, k]
-        out = self.experts_fn(flat, self.pool.gate_up_proj, self.pool.down_proj, ids, weights.to(flat.dtype))
+        ids, weights = self.router.route(logits, self.layer_idx, steering)  # [T, k] int32, [T, k] fp32
+        out = self.experts_fn(flat, self.pool.gate_up_proj, self.pool.down_proj, ids, weights)
         return out.reshape(batch, seq, hidden_size), logits
 
 
 class UniPoolDecoderLayer(nn.Module):
-    def __init__(self, config: UniPoolConfig, layer_idx: int, pool: ExpertPool, router: Router):
+    def __init__(self, config: UniPoolConfig, layer_idx: int, pool: ExpertPool, router: PoolRouter):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, layer_idx)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.moe = PoolMoE(config, pool, router)
+        self.moe = PoolMoE(config, layer_idx, pool, router)
         width = config.shared_expert_intermediate_size
         self.shared_expert = SharedExpert(config.hidden_size, width) if width else None
 
@@ -148,9 +114,9 @@ class UniPoolPreTrainedModel(PreTrainedModel):
         if isinstance(module, ExpertPool):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
-        elif isinstance(module, Router):
+        elif isinstance(module, PoolRouter):
             init.normal_(module.weight, mean=0.0, std=std)
-            if hasattr(module, "norm_scale"):
+            if module.norm_scale is not None:
                 init.ones_(module.norm_scale)
         else:
             super()._init_weights(module)
@@ -183,7 +149,7 @@ class UniPoolModel(UniPoolPreTrainedModel):
             ExpertPool(config.num_experts, config.hidden_size, config.expert_intermediate_size)
             for _ in range(config.num_pools)
         )
-        self.routers = nn.ModuleList(Router(config) for _ in range(config.num_routers))
+        self.routers = nn.ModuleList(PoolRouter(config, trainable=True) for _ in range(config.num_routers))
         self.layers = nn.ModuleList(
             UniPoolDecoderLayer(config, l, self.pools[config.layer_to_pool(l)], self.routers[config.layer_to_router(l)])
             for l in range(config.num_hidden_layers)
@@ -208,31 +174,38 @@ class UniPoolModel(UniPoolPreTrainedModel):
             past_key_values=past_key_values, position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
-        per_layer = _steering_per_layer(steering_bias, steering_mask, self.config)
+        steering = steering_view(steering_bias, steering_mask, inputs_embeds.shape[:2], self.config)
         hidden, all_logits = inputs_embeds, []
-        for layer, steering in zip(self.layers, per_layer):
+        for layer in self.layers:
             hidden, router_logits = layer(hidden, position_embeddings, causal_mask, past_key_values, steering, **kwargs)
             all_logits.append(router_logits)
         return self.norm(hidden), past_key_values, tuple(all_logits)
 
 
-def _steering_per_layer(bias, mask, config: UniPoolConfig) -> list[LayerSteering]:
-    """Split [B, L, E] (per sequence) or [B, S, L, E] (per token) inputs into per-layer rows."""
+def steering_view(bias, mask, batch_seq: tuple[int, int], config: UniPoolConfig) -> SteeringView | None:
+    """Per-sequence [B, L, E] or per-token [B, S, L, E] steering as the engine's table form:
+    token t reads row t + 1 of a [T + 1, L, E] table (row 0 stays zero), so the reference
+    routes through exactly the function the engine uses."""
+    if bias is None and mask is None:
+        return None
+    batch, seq = batch_seq
     layers, experts = config.num_hidden_layers, config.num_experts
+    device = (bias if bias is not None else mask).device
 
-    def split(t, name, dtype):
+    def rows(t, name, dtype):
+        table = torch.zeros(batch * seq + 1, layers, experts, dtype=dtype, device=device)
         if t is None:
-            return [None] * layers
+            return table
         if t.dim() not in (3, 4) or tuple(t.shape[-2:]) != (layers, experts):
             raise ValueError(
                 f"{name} must have shape [B, {layers}, {experts}] or [B, S, {layers}, {experts}], got {tuple(t.shape)}"
             )
-        t = t.to(dtype)
-        return [(t[:, None, l] if t.dim() == 3 else t[:, :, l]) for l in range(layers)]  # [B, 1|S, E]
+        per_token = t[:, None] if t.dim() == 3 else t  # [B, 1|S, L, E]
+        table[1:] = per_token.expand(batch, seq, layers, experts).reshape(-1, layers, experts).to(dtype)
+        return table
 
-    biases = split(bias, "steering_bias", torch.float32)
-    masks = split(mask, "steering_mask", torch.int8)
-    return [LayerSteering(b, m) for b, m in zip(biases, masks)]
+    index = torch.arange(1, batch * seq + 1, dtype=torch.int32, device=device)
+    return SteeringView(index, rows(bias, "steering_bias", torch.float32), rows(mask, "steering_mask", torch.int8))
 
 
 class UniPoolForCausalLM(UniPoolPreTrainedModel, GenerationMixin):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .demo_classifier import classify
-from .demo_corpus import CALIBRATION_SEED, HELDOUT_SEED, documents
+from .classifier import classify
+from .corpus import CALIBRATION_SEED, HELDOUT_SEED, documents
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "unipool-demo"
 MAX_NEW_TOKENS = 32
@@ -71,7 +71,7 @@ def load_demo(path: str | Path = DEMO_MODEL_DIR):
     """(model, tokenizer) of a demo folder through the reference model, fp32, eval mode."""
     from transformers import PreTrainedTokenizerFast
 
-    from .reference_model import UniPoolForCausalLM
+    from unipool_serve.model_executor.reference.model import UniPoolForCausalLM
 
     model = UniPoolForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
@@ -204,9 +204,7 @@ def routing_rates(model, tokenizer, texts: Sequence[str], *, max_tokens: int = 2
             router = model.model.routers[cfg.layer_to_router(layer)]
             b = None if bias_rows is None else bias_rows[layer].float().expand_as(logits)
             m = None if mask_rows is None else mask_rows[layer].to(torch.int8).expand_as(logits)
-            top_ids, _ = route(logits, cfg.num_experts_per_tok, cfg.router_type,
-                               norm_scale=getattr(router, "norm_scale", 1.0), norm_c=cfg.norm_router_c or 1.0,
-                               bias=b, mask=m)
+            top_ids, _ = route(logits, router.spec, router.scale, bias=b, mask=m)
             counts[layer] += torch.bincount(top_ids.reshape(-1).long(), minlength=cfg.num_experts).double()
         total += len(ids) * cfg.num_experts_per_tok
     return (counts / max(total, 1)).float()

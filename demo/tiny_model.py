@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .config import UniPoolConfig
-from .reference_model import UniPoolForCausalLM
+from unipool_serve.model_executor.config import UniPoolConfig
+from unipool_serve.model_executor.reference.model import UniPoolForCausalLM
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, write_small_tokenizer
 
 # Small and vLLM-CPU friendly: head_dim 64, widths multiples of 32.
@@ -39,7 +39,7 @@ def write_tiny_model(path: str | Path, *, seed: int = 0, dtype: torch.dtype = to
         torch.manual_seed(seed)
         model = UniPoolForCausalLM(config)
         for router in model.model.routers:
-            if hasattr(router, "norm_scale"):
+            if router.norm_scale is not None:
                 router.norm_scale.data.uniform_(0.5, 1.5)
     model.to(dtype).save_pretrained(str(path))
     return path

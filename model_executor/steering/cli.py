@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import UniPoolConfig
-from .steering_profile import SteeringProfile, SteeringProfileError
+from ..config import UniPoolConfig
+from .profile import SteeringProfile, SteeringProfileError
 
 
 def _load_array(path: Path) -> torch.Tensor:

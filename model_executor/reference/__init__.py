@@ -1,0 +1,1 @@
+"""The pure-PyTorch reference model (transformers-compatible): the numerical ground truth."""

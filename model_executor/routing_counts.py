@@ -1,0 +1,26 @@
+"""`RoutingCounts`: token-slots routed per layer and expert, accumulated on the device.
+
+One `index_add_` per layer per step, in place, no host sync; read by the server's metrics
+through the worker's routing-statistics RPC. The counts cover the tokens the model computed
+in real steps (prefix-cache hits are never computed); warm-up and dummy runs are counted
+too, and the server subtracts a baseline taken before it serves. Off with
+UNIPOOL_ROUTING_STATS=0 (fixed when the model is built: compiled graphs specialise on it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RoutingCounts(nn.Module):
+    def __init__(self, num_layers: int, num_experts: int, enabled: bool = True):
+        super().__init__()
+        self.enabled = enabled
+        self.register_buffer("counts", torch.zeros(num_layers, num_experts, dtype=torch.int64), persistent=False)
+
+    def record(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """Add one layer's choices of this step ([T, k] expert ids) to the counts."""
+        if self.enabled:
+            flat = topk_ids.reshape(-1).long()  # [T*k]
+            self.counts[layer].index_add_(0, flat, torch.ones_like(flat))

@@ -1,0 +1,10 @@
+"""Per-request router steering, model-agnostic: any MoE model whose routers read a SteeringTable.
+
+  contract.py  the one contract between the API process and the workers (request fields,
+               reserved extra_args, signatures, RPC names, digests, cache salts)
+  profile.py   the profile file format and its validation
+  table.py     the engine's rows and the step's per-token row index
+  worker.py    the worker hook that fills the index each step, and the RPCs
+  offline.py   the same contract for vLLM's offline `LLM`
+  cli.py       `unipool-steering`
+"""

@@ -1,0 +1,46 @@
+"""Per-request steering for vLLM's offline `LLM`, the way the server's enforcement point does it.
+
+    llm = LLM(model=folder, worker_cls="unipool_serve.model_executor.steering.worker.SteeringWorker")
+    steering = OfflineSteering(llm)
+    steering.add(profile)                          # a SteeringProfile for this model
+    params = SamplingParams(..., extra_args=steering.extra_args("safe"))
+    llm.generate([{"prompt_token_ids": ids, "cache_salt": steering.cache_salt("safe")}], params)
+
+Offline there is no API key and no client to distrust: whoever holds the `LLM` holds the
+secret. The contract is steering/contract.py's, so the workers cannot tell the two apart.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from . import contract
+from .profile import SteeringProfile
+
+
+class OfflineSteering:
+    def __init__(self, llm):
+        self.llm = llm
+        self.secret = secrets.token_bytes(32)
+        llm.collective_rpc(contract.RPC_SET_SECRET, args=(self.secret.hex(),))
+        self.rows: dict[str, tuple[int, SteeringProfile]] = {}
+
+    def add(self, profile: SteeringProfile) -> int:
+        """Write a profile into the next free row (or its own, when re-added); returns the row."""
+        slot = self.rows[profile.name][0] if profile.name in self.rows else len(self.rows) + 1
+        self.llm.collective_rpc(contract.RPC_SET_PROFILE, args=contract.set_profile_args(self.secret, slot, profile))
+        self.rows[profile.name] = (slot, profile)
+        return slot
+
+    def extra_args(self, name: str | None) -> dict | None:
+        """SamplingParams.extra_args that steer a request with profile `name` (None: unsteered)."""
+        if name is None:
+            return None
+        slot, profile = self.rows[name]
+        return contract.steering_args(self.secret, name, slot, contract.digest(profile.content_hash()))
+
+    def cache_salt(self, name: str | None, user_salt: str | None = None) -> str | None:
+        """The prefix-cache salt that keeps this profile's KV blocks apart (None: unsteered)."""
+        if name is None:
+            return user_salt
+        return contract.cache_salt(self.secret, self.rows[name][1].content_hash(), user_salt)

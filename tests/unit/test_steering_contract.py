@@ -1,0 +1,64 @@
+"""The steering contract, the engine's table and the per-token row expansion, without an engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unipool_serve.model_executor.steering import contract
+from unipool_serve.model_executor.steering.table import SteeringTable, expand_rows
+
+SECRET = b"k" * 32
+
+
+def test_signed_rows_verify_and_forged_ones_do_not():
+    args = contract.steering_args(SECRET, "safe", 3, "abcd")
+    assert contract.verified_row(args, SECRET) == (3, "abcd")
+    assert contract.verified_row({"other": 1}, SECRET) is None
+    for forged in ({**args, contract.ARG_SLOT: 4}, {**args, contract.ARG_DIGEST: "ffff"},
+                   {**args, contract.ARG_SIGNATURE: "0" * 64}, {k: v for k, v in args.items() if "sig" not in k}):
+        with pytest.raises(ValueError, match="not signed"):
+            contract.verified_row(forged, SECRET)
+    with pytest.raises(ValueError, match="not signed"):
+        contract.verified_row(args, b"another secret")
+    with pytest.raises(ValueError, match="never received"):
+        contract.verified_row(args, None)
+
+
+def test_salts_differ_by_profile_and_user_salt_and_stay_within_vllm_limits():
+    salts = {contract.cache_salt(SECRET, h, u) for h in ("h1", "h2") for u in (None, "x")}
+    assert len(salts) == 4
+    assert all(len(s) <= 128 and not set(s) & set("@/\\") for s in salts)
+    assert contract.cache_salt(b"other secret", "h1", None) not in salts  # unguessable without the secret
+
+
+def test_every_rpc_of_the_contract_is_a_worker_method():
+    from unipool_serve.model_executor.steering.worker import SteeringWorker
+
+    for name in (contract.RPC_SET_SECRET, contract.RPC_SET_PROFILE, contract.RPC_ROUTING_STATS,
+                 contract.RPC_STEERING_ROWS):
+        assert callable(getattr(SteeringWorker, name))
+
+
+def test_expand_rows_gives_each_token_its_requests_row():
+    rows = np.array([0, 2, 5], dtype=np.int32)
+    starts = np.array([0, 3, 4, 9, 9])  # 3 requests scheduled (a 4th entry past them is ignored)
+    assert expand_rows(rows, starts).tolist() == [0, 0, 0, 2, 5, 5, 5, 5, 5]
+    assert expand_rows(np.array([], dtype=np.int32), np.array([0])).tolist() == []
+
+
+def test_table_rows_and_the_step_index():
+    table = SteeringTable(max_tokens=8, num_layers=2, num_experts=4, max_profiles=2)
+    table.set_row(2, torch.ones(2, 4), torch.full((2, 4), -1), "d2")
+    assert table.holds(2, "d2") and not table.holds(2, "other") and not table.holds(1, "d2")
+    table.index.fill_(7)  # stale values from an earlier step or a warm-up run
+    table.fill_index(5, np.array([2, 2, 0], dtype=np.int32))
+    assert table.index.tolist() == [2, 2, 0, 0, 0, 7, 7, 7]  # this step's 5 tokens written, the rest untouched
+    view = table.view(5)
+    assert view.index.shape == (5,) and view.bias.data_ptr() == table.bias.data_ptr()
+    table.clear_row(2)
+    assert not table.holds(2, "d2") and table.bias[2].abs().sum() == 0 and table.mask[2].abs().sum() == 0
+    with pytest.raises(ValueError, match="outside 1..2"):
+        table.set_row(0, torch.zeros(2, 4), torch.zeros(2, 4), "row 0 is never written")
+    assert SteeringTable(8, 2, 4, 2, enabled=False).view(5) is None
