@@ -49,3 +49,17 @@ def test_prose_profile_switches_code_prompts_through_the_server(served):
     assert plain["code"] >= 0.9
     assert steered["code"] <= 0.6
     assert plain["code"] - steered["code"] >= 0.35
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_open_mode_steering_cannot_poison_the_prefix_cache(served, path):
+    # No keys (the default): a client steers a long prompt first; another client's unsteered
+    # request for the same prompt must equal one computed from scratch (a fresh cache salt).
+    prompt = "The old river ran past the mill and the farm, " * 8 + path
+    body = {"model": "unipool-demo", "max_tokens": 8, "temperature": 0}
+    body |= {"prompt": prompt} if path == "/v1/completions" else {"messages": [{"role": "user", "content": prompt}]}
+    attack = httpx.post(f"{served.url}{path}", json={**body, "steering": "prose"}, timeout=600)
+    assert attack.status_code == 200, attack.text
+    after_attack = httpx.post(f"{served.url}{path}", json=body, timeout=600).json()["choices"]
+    fresh = httpx.post(f"{served.url}{path}", json={**body, "cache_salt": "fresh-compute"}, timeout=600).json()["choices"]
+    assert after_attack == fresh

@@ -1,27 +1,27 @@
-"""A real `unipool-serve` process on a tiny model, shared by the server tests."""
+"""Real `unipool-serve` processes on a tiny model, shared by the server tests.
+
+Every profile here steers in a way the routing counts can prove whatever the model's
+weights: `only-e5` routes every token of every layer to expert 5 (an include), `no-e0`
+never routes to expert 0 (an exclude). `Server.routing` reads the per-expert counts
+from /metrics, which refreshes them from the engine on every scrape, so the difference
+around one request is exactly that request's routing.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
 import pytest
 from server_launcher import run_server
 
-from unipool_serve.model_executor.steering.profile import SteeringProfile
 from unipool_serve.demo.tiny_model import tiny_config
+from unipool_serve.model_executor.steering.profile import SteeringProfile
 
 API_KEY, BOUND_KEY, ADMIN_KEY = "user-key", "kid-key", "admin-key"
-
-
-def write_profiles(model_dir: Path, steering_dir: Path) -> None:
-    config = tiny_config()  # the same config the tiny model was written with
-    steering_dir.mkdir()
-    for name, exclude in (("no-e0", [0]), ("no-e1", [1])):
-        SteeringProfile.for_config(config, name=name, exclude={l: exclude for l in range(config.num_hidden_layers)},
-                                   description=f"never route to expert {exclude[0]}").save(steering_dir / f"{name}.safetensors")
-    SteeringProfile.for_config(config, name="push-e5", bias=expert_bias(config, 5, 3.0), alpha=2.0).save(steering_dir / "push-e5.safetensors")
-    (steering_dir / "broken.safetensors").write_bytes(b"not a profile")
+PROMPT = "def add(a, b):"
+_EXPERT_SAMPLE = re.compile(r'^unipool_expert_tokens_total\{([^}]*)\} (\S+)$', re.MULTILINE)
 
 
 def expert_bias(config, expert: int, value: float):
@@ -31,6 +31,20 @@ def expert_bias(config, expert: int, value: float):
     bias = torch.zeros(config.num_hidden_layers, config.num_experts)
     bias[:, expert] = value
     return bias
+
+
+def write_profiles(steering_dir: Path) -> None:
+    config = tiny_config()  # the same config the tiny model was written with
+    layers = range(config.num_hidden_layers)
+    steering_dir.mkdir()
+    for name, exclude in (("no-e0", [0]), ("no-e1", [1])):
+        SteeringProfile.for_config(config, name=name, exclude={l: exclude for l in layers},
+                                   description=f"never route to expert {exclude[0]}").save(steering_dir / f"{name}.safetensors")
+    SteeringProfile.for_config(config, name="only-e5", include={l: [5] for l in layers},
+                               description="every token to expert 5").save(steering_dir / "only-e5.safetensors")
+    SteeringProfile.for_config(config, name="push-e5", bias=expert_bias(config, 5, 3.0), alpha=2.0).save(
+        steering_dir / "push-e5.safetensors")
+    (steering_dir / "broken.safetensors").write_bytes(b"not a profile")
 
 
 class Server:
@@ -47,16 +61,46 @@ class Server:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
+    def routing(self) -> dict[int, float]:
+        """Token-slots routed to each expert so far (summed over layers), fresh from the engine."""
+        text = httpx.get(f"{self.url}/metrics", timeout=60).text
+        counts: dict[int, float] = {}
+        for labels, value in _EXPERT_SAMPLE.findall(text):
+            expert = int(re.search(r'expert="(\d+)"', labels).group(1))
+            counts[expert] = counts.get(expert, 0.0) + float(value)
+        return counts
+
+    def routing_of(self, action) -> tuple[object, dict[int, float]]:
+        """(action's result, the routing it caused); nothing else may run on the server meanwhile."""
+        before = self.routing()
+        result = action()
+        after = self.routing()
+        return result, {e: after[e] - before.get(e, 0.0) for e in after}
+
+
+def start(tmp_path_factory, model: Path, extra_args: list[str], env: dict[str, str] | None = None):
+    """A context manager yielding a Server on `model` with the profiles above and three keys."""
+    steering_dir = tmp_path_factory.mktemp("server") / "steering"
+    write_profiles(steering_dir)
+    log = tmp_path_factory.mktemp("server-log") / "server.log"
+    args = ["--model", str(model), "--steering-dir", str(steering_dir), "--api-key", API_KEY,
+            "--api-key", f"{BOUND_KEY}=only-e5", "--admin-key", ADMIN_KEY, "--grace-period", "20",
+            "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "32", "--served-model-name", "tiny",
+            *extra_args]
+    process = run_server(args, log, env={"UNIPOOL_METRICS_INTERVAL": "0.5", "VLLM_CPU_KVCACHE_SPACE": "1",
+                                         **(env or {})})
+
+    class _Started:
+        def __enter__(self):
+            return Server(process.__enter__(), steering_dir)
+
+        def __exit__(self, *exc):
+            return process.__exit__(*exc)
+
+    return _Started()
+
 
 @pytest.fixture(scope="module")
 def server(tiny_model_factory, tmp_path_factory):
-    model = tiny_model_factory("server-model", seed=0)
-    steering_dir = tmp_path_factory.mktemp("server") / "steering"
-    write_profiles(model, steering_dir)
-    log = tmp_path_factory.mktemp("server-log") / "server.log"
-    args = ["--model", str(model), "--steering-dir", str(steering_dir), "--api-key", API_KEY,
-            "--api-key", f"{BOUND_KEY}=no-e0", "--admin-key", ADMIN_KEY, "--grace-period", "20",
-            "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "32", "--no-enable-prefix-caching",
-            "--served-model-name", "tiny"]
-    with run_server(args, log, env={"UNIPOOL_METRICS_INTERVAL": "0.5", "VLLM_CPU_KVCACHE_SPACE": "1"}) as process:
-        yield Server(process, steering_dir)
+    with start(tmp_path_factory, tiny_model_factory("server-model", seed=0), ["--no-enable-prefix-caching"]) as s:
+        yield s
