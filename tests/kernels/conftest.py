@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
@@ -44,3 +45,15 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """Scratch buffers start as NaN and the align's index buffers as -7, so anything read
+    before it is written, or never written, shows up."""
+    from unipool_serve.kernels import fused_align, fused_moe  # after the TRITON_INTERPRET decision
+
+    monkeypatch.setattr(fused_moe, "_workspace",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    monkeypatch.setattr(fused_align, "_index_buffer",
+                        lambda size, device: torch.full((size,), -7, dtype=torch.int32, device=device))
