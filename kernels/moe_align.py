@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,9 @@ def align_slots_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     # Dropped slots sort last (id E) and are written to one trash row past the end,
     # which is cut off: the slot count of real experts is not known on the host.
     trash = max_blocks * block_m
-    padded_start = torch.cat([padded_start, padded_start.new_tensor([trash])])  # [E + 1]
-    slot_start = torch.cat([slot_start, slot_start.new_zeros(1)])  # [E + 1]
+    # pad, not cat with a new tensor: no host-to-device copy, so CUDA graphs can capture it.
+    padded_start = F.pad(padded_start, (0, 1), value=trash)  # [E + 1]
+    slot_start = F.pad(slot_start, (0, 1), value=0)  # [E + 1]
     order = torch.argsort(flat, stable=True)  # [S] slot ids sorted by expert
     experts = flat[order]  # [S]
     rank = torch.arange(num_slots, device=device) - slot_start[experts]  # [S] rank within expert
