@@ -54,10 +54,10 @@ def capture_graph(torch, fn):
     return graph, out
 
 
-def graph_replay_ms(graph) -> float:
+def graph_replay_ms(graph, warmup_ms: int = 25, rep_ms: int = REPS_MS) -> float:
     from triton.testing import do_bench
 
-    return do_bench(graph.replay, warmup=25, rep=REPS_MS, return_mode="median")
+    return do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
 def measure_machine(torch, timer, device, dtype, smoke):

@@ -120,14 +120,22 @@ def default_config(
     touched = max(1, min(E, slots))  # experts with a slot, at most
     rows_per_expert = slots / touched
     wide = dtype != torch.float32  # fp32 tiles take twice the shared memory
+    num_sms = num_sms or current_num_sms()
+    if takes_small_t_path(T, E, H, k, num_sms):
+        return small_t_config(touched, H, F, wide, SMALL_T_PROGRAMS_PER_SM * num_sms)
     if rows_per_expert <= 16:  # decode: weight streaming; small M, deep K pipeline
-        target = SMALL_T_PROGRAMS_PER_SM * (num_sms or current_num_sms())
-        if touched * -(-H // 64) >= target:  # one row block per expert: enough down programs
-            return MoELaunchConfig(16, 64, 64, 1, 4, 4 if wide else 3)
-        return small_t_config(touched, H, F, wide, target)
+        return MoELaunchConfig(16, 64, 64, 1, 4, 4 if wide else 3)
     if rows_per_expert <= 64:
         return MoELaunchConfig(32, 64, 64 if wide else 32, 8, 4, 4 if wide else 3)
     return MoELaunchConfig(64, 128, 64 if wide else 32, 8, 8 if wide else 4, 3)
+
+
+def takes_small_t_path(T: int, E: int, H: int, k: int, num_sms: int) -> bool:
+    """At most 16 rows per touched expert, and the default decode tiles (one row block per
+    expert, BLOCK_N 64) would give the down GEMM fewer than SMALL_T_PROGRAMS_PER_SM per SM."""
+    slots = T * k
+    touched = max(1, min(E, slots))
+    return slots / touched <= 16 and touched * -(-H // 64) < SMALL_T_PROGRAMS_PER_SM * num_sms
 
 
 def small_t_config(touched: int, H: int, F: int, wide: bool, target: int) -> MoELaunchConfig:
