@@ -63,7 +63,6 @@ def _expert_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
 
     if SPLIT_K == 1:  # resolved at compile time: the unsplit loop stays exactly 0..K
-        split = 0
         k_begin = 0
         k_end = K
     else:
@@ -71,6 +70,7 @@ def _expert_gemm_kernel(
         k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         k_begin = split * k_per_split
         k_end = tl.minimum(K, k_begin + k_per_split)
+        c_ptr += split.to(tl.int64) * stride_cs  # this range's partial-sum plane
 
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_begin + offs_k[None, :]) * stride_ak  # [BM, BK]
     b_ptrs = (b_ptr + expert.to(tl.int64) * stride_be
@@ -99,8 +99,7 @@ def _expert_gemm_kernel(
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # SiLU(gate) * up, still fp32
     if WEIGHTED:
         acc = acc * tl.load(weights_ptr + slots, mask=row_ok, other=0.0)[:, None]
-    c_ptrs = (c_ptr + split * stride_cs.to(tl.int64)
-              + slots[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn)
+    c_ptrs = c_ptr + slots[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 

@@ -75,20 +75,30 @@ def variants():
             yield (f"down {dtype} SPLIT_K={split_k} BN{block_n} BK{block_k}", _expert_gemm_kernel,
                    dict(gemm_ptrs, a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", c_ptr=out),
                    dict(base, GATED=False, WEIGHTED=True, SPLIT_K=split_k), dict(num_stages=4))
+            # T = 1, k = 1: a launch turns num_slots, a_row_div and num_m_blocks into the constant 1.
+            yield (f"down {dtype} SPLIT_K={split_k} at T=1", _expert_gemm_kernel,
+                   dict(gemm_ptrs, a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", c_ptr=out),
+                   dict(base, GATED=False, WEIGHTED=True, SPLIT_K=split_k, num_slots=1, a_row_div=1,
+                        num_m_blocks=1), dict(num_stages=4))
         for part, top_k, split_k in ((dtype, 4, 1), ("fp32", 1, 8), ("fp32", 8, 2)):
             yield (f"combine {part}->{dtype} k={top_k} SPLIT_K={split_k}", _combine_kernel,
                    dict(part_ptr=f"*{part}", ids_ptr="*i32", out_ptr=f"*{dtype}"),
                    dict(TOP_K=top_k, SPLIT_K=split_k, BLOCK_T=4, BLOCK_N=256), {})
-    for ids, zero, experts, chunk in (("*i32", False, 192, 16), ("*i64", True, 1000, 4096), ("*i32", True, 1, 16)):
-        yield (f"align ids {ids[1:]} E={experts} CHUNK={chunk} zero_rows={zero}", _align_kernel,
+    # The last one is T = 1, k = 1, E = 1: S, E and max_blocks all become the constant 1.
+    for ids, zero, experts, chunk, ones in (("*i32", False, 192, 16, ()), ("*i64", True, 1000, 4096, ()),
+                                            ("*i32", True, 1, 16, ("num_slots", "num_experts", "max_blocks"))):
+        yield (f"align ids {ids[1:]} E={experts} CHUNK={chunk} zero_rows={zero} ones={len(ones)}", _align_kernel,
                dict(ids_ptr=ids, sorted_slots_ptr="*i32", block_expert_ptr="*i32", zero_ptr="*bf16"),
                dict(BLOCK_M=16, BLOCK_E=max(32, triton.next_power_of_2(experts + 1)), CHUNK=chunk,
-                    ZERO_DROPPED_ROWS=zero, ZERO_ROWS=16, ZERO_COLS=128),
+                    ZERO_DROPPED_ROWS=zero, ZERO_ROWS=16, ZERO_COLS=128, **{name: 1 for name in ones}),
                dict(num_warps=8 if chunk >= 2048 else 4))
     yield ("route norm E=192 k=1", _route_kernel,
            dict(logits_ptr="*fp32", steer_ptr="*i32", bias_ptr="*fp32", mask_ptr="*i8", scale_ptr="*fp32",
                 ids_ptr="*i32", weights_ptr="*fp32", norm_scale="fp32", norm_c="fp32"),
            dict(ROUTER=0, RENORMALIZE=False, SCALE_IN_MEMORY=True, TOP_K=1, BLOCK_K=1, BLOCK_T=8, BLOCK_E=256), {})
+    yield ("combine fp32->bf16 k=1 SPLIT_K=8 at T=1", _combine_kernel,
+           dict(part_ptr="*fp32", ids_ptr="*i32", out_ptr="*bf16"),
+           dict(TOP_K=1, SPLIT_K=8, BLOCK_T=1, BLOCK_N=256, num_tokens=1), {})
 
 
 NO_BACKEND = 3  # exit status when this triton build has no NVIDIA backend (the test skips)
