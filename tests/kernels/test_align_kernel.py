@@ -92,7 +92,8 @@ def test_zero_dropped_rows(dtype):
     assert dropped.any() and (rows[dropped] == 0).all() and rows[~dropped].isnan().all()
 
 
-@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m", [(50, 3, 96, 16), (50, 3, 96, 32), (16384, 4, 384, 64)])
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m",
+                         [(50, 3, 96, 16), (50, 3, 96, 32), (16384, 4, 384, 64)])
 def test_reference_gives_blocks_only_to_used_experts(num_tokens, top_k, num_experts, block_m):
     gen = torch.Generator().manual_seed(block_m)
     # Only every 7th expert is ever chosen, so most experts get no slot; some slots are dropped.
