@@ -60,16 +60,19 @@ def parse_args(argv=None):
 class PoolStack:
     """L routers over one resident pool; step(route, moe) runs all layers on self.hidden."""
 
-    def __init__(self, torch, shape, num_tokens, dtype, device, gen):
+    def __init__(self, torch, kernels, shape, num_tokens, dtype, device, gen):
         H, F, M, k, L = shape
-        self.torch, self.top_k, self.num_layers = torch, k, L
+        self.torch, self.num_layers = torch, L
+        self.spec = kernels.RoutingSpec.of("norm", k)
         self.w_gate_up = (torch.randn(M, 2 * F, H, generator=gen, device=device) / H**0.5).to(dtype)  # [M, 2F, H]
         self.w_down = (torch.randn(M, H, F, generator=gen, device=device) / F**0.5).to(dtype)  # [M, H, F]
         self.routers = torch.randn(L, M, H, generator=gen, device=device) / H**0.5  # [L, M, H] fp32
         self.norm_scales = 1.0 + torch.rand(L, 1, generator=gen, device=device)  # learned sigma_r, on device
-        self.bias_table = torch.zeros(1, L, M, device=device)  # [P+1, L, M]: no profile, only row 0
-        self.mask_table = torch.zeros(1, L, M, dtype=torch.int8, device=device)
-        self.steering_index = torch.zeros(num_tokens, dtype=torch.int32, device=device)
+        # Through the steering seam, as served: row 0 of the tables (all zeros) for every token.
+        self.steering = kernels.SteeringView(
+            torch.zeros(num_tokens, dtype=torch.int32, device=device),  # index [T]
+            torch.zeros(1, L, M, device=device),  # bias [P+1, L, M]
+            torch.zeros(1, L, M, dtype=torch.int8, device=device))  # mask [P+1, L, M]
         self.hidden = torch.randn(num_tokens, H, generator=gen, device=device).to(dtype)  # [T, H], static input
 
     def step(self, route, moe):
@@ -78,8 +81,7 @@ class PoolStack:
         x, all_ids = self.hidden, []
         for layer in range(self.num_layers):
             logits = torch.nn.functional.linear(x.float(), self.routers[layer])  # [T, M] fp32
-            ids, weights = route(logits, self.steering_index, self.bias_table, self.mask_table, layer,
-                                 self.top_k, "norm", norm_scale=self.norm_scales[layer])
+            ids, weights = route(logits, self.steering, layer, self.spec, self.norm_scales[layer])
             x = x + moe(x, self.w_gate_up, self.w_down, ids, weights)
             all_ids.append(ids.to(torch.int32))
         return x, torch.stack(all_ids)
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
           + " | fused eager ms | ratios to fused")
     for num_tokens in tokens:
         gen = torch.Generator(device=device).manual_seed(args.seed)  # same model and inputs for every T
-        stack = PoolStack(torch, shape, num_tokens, dtype, device, gen)
+        stack = PoolStack(torch, kernels, shape, num_tokens, dtype, device, gen)
         reference = stack.step(kernels.route_with_table, kernels.pool_moe)
         row = dict(T=num_tokens, u_uniform=M * (1 - (1 - k / M) ** num_tokens), impls={})
         for name, (route, moe) in impls.items():

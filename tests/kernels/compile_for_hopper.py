@@ -95,7 +95,8 @@ def variants():
     yield ("route norm E=192 k=1", _route_kernel,
            dict(logits_ptr="*fp32", steer_ptr="*i32", bias_ptr="*fp32", mask_ptr="*i8", scale_ptr="*fp32",
                 ids_ptr="*i32", weights_ptr="*fp32", norm_scale="fp32", norm_c="fp32"),
-           dict(ROUTER=0, RENORMALIZE=False, SCALE_IN_MEMORY=True, TOP_K=1, BLOCK_K=1, BLOCK_T=8, BLOCK_E=256), {})
+           dict(ROUTER=0, EXCLUDE_FILL=0.0, RENORMALIZE=False, SCALE_IN_MEMORY=True, STEERED=True, TOP_K=1,
+                BLOCK_K=1, BLOCK_T=8, BLOCK_E=256), {})
     yield ("combine fp32->bf16 k=1 SPLIT_K=8 at T=1", _combine_kernel,
            dict(part_ptr="*fp32", ids_ptr="*i32", out_ptr="*bf16"),
            dict(TOP_K=1, SPLIT_K=8, BLOCK_T=1, BLOCK_N=256, num_tokens=1), {})

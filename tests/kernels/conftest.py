@@ -4,8 +4,8 @@ Triton picks interpreter or compiler when it is imported and when each kernel is
 decorated, so TRITON_INTERPRET=1 must be set before the first `import triton`.
 On a machine without CUDA this conftest sets it if triton is not imported yet. The
 variable then stays set for the rest of the process, which the other test folders
-tolerate: vLLM's CPU build disables Triton whatever the variable says, and
-kernels/dispatch.py never hands CPU tensors to Triton.
+tolerate: vLLM's CPU build disables Triton whatever the variable says, and no CPU
+backend (model_executor/moe_backend.py) hands tensors to Triton.
 
 If triton was already imported without the interpreter (an earlier folder imported
 vLLM), the kernels cannot run in this process: their tests are deselected here and
