@@ -2,7 +2,8 @@
 
 T tokens, H hidden, F expert width, E experts in the pool, k chosen per token.
 Only experts that received a token are computed (a per-expert loop), so its cost
-follows the routing just as the fused kernel's does.
+follows the routing just as the fused kernel's does. An id equal to E marks a
+dropped slot (e.g. by a per-token expert budget): it contributes nothing.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ def pool_moe(
     """out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j].
 
     hidden [T, H]; w_gate_up [E, 2F, H] (gate rows first, then up); w_down [E, H, F];
-    topk_ids [T, k] int; topk_weights [T, k] fp32. Returns [T, H] in hidden's dtype,
-    accumulated in fp32.
+    topk_ids [T, k] int in [0, E], E = dropped; topk_weights [T, k] fp32. Returns
+    [T, H] in hidden's dtype, accumulated in fp32.
     """
     num_tokens, top_k = topk_ids.shape
+    num_experts = w_gate_up.shape[0]
     out = torch.zeros(num_tokens, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
     flat_ids = topk_ids.reshape(-1).long()  # [T*k]
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w_gate_up.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
     start = 0
-    for expert, count in enumerate(counts):
+    for expert, count in enumerate(counts[:num_experts]):  # dropped slots (id E) sort last
         if count == 0:
             continue
         slots = order[start:start + count]  # positions in the flattened [T*k] routing

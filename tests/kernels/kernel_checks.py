@@ -1,4 +1,4 @@
-"""Shared pieces of the kernel tests: device, dtypes, tolerances, random inputs."""
+"""Shared pieces of the kernel tests: device, dtypes, tolerances, random inputs, comparisons."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def kernels_runnable_here() -> bool:
 
     kernels = [tl.sum]  # decorated at `import triton`
     for module, name in (("unipool_serve.kernels.routing", "_route_kernel"),
-                         ("unipool_serve.kernels.fused_moe", "_expert_gemm_kernel")):
+                         ("unipool_serve.kernels.fused_moe", "_expert_gemm_kernel"),
+                         ("unipool_serve.kernels.fused_align", "_align_kernel"),
+                         ("unipool_serve.kernels.moe_combine", "_combine_kernel")):
         if module in sys.modules:  # decorated when first imported
             kernels.append(getattr(sys.modules[module], name))
     return all(isinstance(k, InterpretedFunction) for k in kernels)
@@ -53,3 +55,29 @@ def steering_tables(num_profiles: int, num_layers: int, num_experts: int, gen: t
         if kind in (2, 3):
             mask[p][pick > 0.6] = -1
     return bias.to(DEVICE), mask.to(DEVICE)
+
+
+def moe_pools(num_experts: int, hidden: int, ffn: int, dtype: torch.dtype, gen: torch.Generator):
+    """w_gate_up [E, 2F, H], w_down [E, H, F], scaled so activations stay O(1) (tolerances mean something)."""
+    w_gate_up = torch.randn(num_experts, 2 * ffn, hidden, generator=gen) / hidden**0.5
+    w_down = torch.randn(num_experts, hidden, ffn, generator=gen) / ffn**0.5
+    return w_gate_up.to(dtype).to(DEVICE), w_down.to(dtype).to(DEVICE)
+
+
+def distinct_choices(num_tokens: int, num_experts: int, top_k: int, gen: torch.Generator) -> torch.Tensor:
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    return scores.topk(top_k, dim=-1).indices.to(torch.int32)  # [T, k], distinct per token
+
+
+def run_and_compare(hidden, w_gate_up, w_down, ids, weights, config) -> torch.Tensor:
+    """fused_pool_moe into a NaN-poisoned `out` (every row must be written) vs pool_moe on CPU."""
+    from unipool_serve.kernels.fused_moe import fused_pool_moe
+    from unipool_serve.kernels.moe_reference import pool_moe
+
+    out = torch.full_like(hidden, float("nan"))
+    got = fused_pool_moe(hidden, w_gate_up, w_down, ids, weights, config, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    want = pool_moe(hidden.cpu(), w_gate_up.cpu(), w_down.cpu(), ids.cpu(), weights.cpu())
+    tol = TOLERANCES[hidden.dtype]
+    torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol)
+    return got

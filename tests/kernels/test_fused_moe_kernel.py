@@ -6,13 +6,10 @@ import zlib
 
 import pytest
 import torch
-from kernel_checks import DEVICE, DTYPES, TOLERANCES
+from kernel_checks import DEVICE, DTYPES, distinct_choices, moe_pools, run_and_compare
 
-from unipool_serve.kernels import fused_moe
 from unipool_serve.kernels.fused_moe import fused_pool_moe
 from unipool_serve.kernels.launch_config import MoELaunchConfig
-from unipool_serve.kernels.moe_align import align_slots_by_expert
-from unipool_serve.kernels.moe_reference import pool_moe
 
 # H and F are deliberately not multiples of any block size (tails in N and K).
 H, F = 40, 72
@@ -33,35 +30,11 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_workspace(monkeypatch):
-    """Scratch buffers start as NaN, so a row read before it is written shows up."""
-
-    def nan_workspace(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(fused_moe, "_workspace", nan_workspace)
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
 def _pools(num_experts, dtype, gen):
-    # Scaled so activations stay O(1) and tolerances are meaningful in fp16/bf16.
-    w_gate_up = torch.randn(num_experts, 2 * F, H, generator=gen) / H**0.5  # [E, 2F, H]
-    w_down = torch.randn(num_experts, H, F, generator=gen) / F**0.5  # [E, H, F]
-    return w_gate_up.to(dtype).to(DEVICE), w_down.to(dtype).to(DEVICE)
-
-
-def _distinct_choices(num_tokens, num_experts, top_k, gen):
-    scores = torch.rand(num_tokens, num_experts, generator=gen)
-    return scores.topk(top_k, dim=-1).indices.to(torch.int32)  # [T, k], distinct per token
-
-
-def _run_and_compare(hidden, w_gate_up, w_down, ids, weights, config):
-    out = torch.full_like(hidden, float("nan"))  # poisoned: every row must be written
-    got = fused_pool_moe(hidden, w_gate_up, w_down, ids, weights, config, out=out)
-    assert got.data_ptr() == out.data_ptr()
-    want = pool_moe(hidden.cpu(), w_gate_up.cpu(), w_down.cpu(), ids.cpu(), weights.cpu())
-    tol = TOLERANCES[hidden.dtype]
-    torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol)
+    return moe_pools(num_experts, H, F, dtype, gen)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -71,9 +44,9 @@ def test_matches_reference(case, dtype):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((case, dtype)).encode()))  # fresh per case
     hidden = torch.randn(num_tokens, H, generator=gen).to(dtype).to(DEVICE)
     w_gate_up, w_down = _pools(num_experts, dtype, gen)
-    ids = _distinct_choices(num_tokens, num_experts, top_k, gen).to(DEVICE)
+    ids = distinct_choices(num_tokens, num_experts, top_k, gen).to(DEVICE)
     weights = torch.rand(num_tokens, top_k, generator=gen).to(DEVICE)
-    _run_and_compare(hidden, w_gate_up, w_down, ids, weights, config)
+    run_and_compare(hidden, w_gate_up, w_down, ids, weights, config)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -90,16 +63,16 @@ def test_skewed_routing_leaves_unused_experts_unread(dtype):
     w_down[unused.to(DEVICE)] = float("nan")
     ids = used[torch.randint(0, 3, (300, 2), generator=gen)].to(torch.int32).to(DEVICE)
     weights = torch.rand(300, 2, generator=gen).to(DEVICE)
-    _run_and_compare(hidden, w_gate_up, w_down, ids, weights, TALL_TILES)
+    run_and_compare(hidden, w_gate_up, w_down, ids, weights, TALL_TILES)
 
 
 def test_default_config_and_int64_ids():
     gen = torch.Generator().manual_seed(8)
     hidden = torch.randn(33, H, generator=gen).to(DEVICE)
     w_gate_up, w_down = _pools(8, torch.float32, gen)
-    ids = _distinct_choices(33, 8, 2, gen).long().to(DEVICE)
+    ids = distinct_choices(33, 8, 2, gen).long().to(DEVICE)
     weights = torch.rand(33, 2, generator=gen).to(DEVICE)
-    _run_and_compare(hidden, w_gate_up, w_down, ids, weights, None)
+    run_and_compare(hidden, w_gate_up, w_down, ids, weights, None)
 
 
 def test_pools_are_used_in_place_through_strided_views():
@@ -111,9 +84,9 @@ def test_pools_are_used_in_place_through_strided_views():
     w_gate_up, w_down = big_gu[::2, : 2 * F, :H], big_d[::2, :H, :F]  # [8, 2F, H], [8, H, F]
     assert not w_gate_up.is_contiguous() and not w_down.is_contiguous()
     hidden = torch.randn(20, H, generator=gen).to(DEVICE)
-    ids = _distinct_choices(20, 8, 2, gen).to(DEVICE)
+    ids = distinct_choices(20, 8, 2, gen).to(DEVICE)
     weights = torch.rand(20, 2, generator=gen).to(DEVICE)
-    _run_and_compare(hidden, w_gate_up, w_down, ids, weights, SMALL_TILES)
+    run_and_compare(hidden, w_gate_up, w_down, ids, weights, SMALL_TILES)
 
 
 def test_rejects_pools_without_unit_inner_stride():
@@ -123,24 +96,3 @@ def test_rejects_pools_without_unit_inner_stride():
     ids = torch.zeros(4, 1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(AssertionError, match="unit stride"):
         fused_pool_moe(hidden, w_gate_up, w_down, ids, torch.ones(4, 1, device=DEVICE))
-
-
-@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m", [(50, 3, 96, 16), (50, 3, 96, 32), (16384, 4, 384, 64)])
-def test_alignment_gives_blocks_only_to_used_experts(num_tokens, top_k, num_experts, block_m):
-    gen = torch.Generator().manual_seed(block_m)
-    # Only every 7th expert is ever chosen, so most experts get no slot.
-    ids = torch.randint(0, num_experts // 7, (num_tokens, top_k), generator=gen) * 7
-    aligned = align_slots_by_expert(ids, num_experts, block_m)
-    flat = ids.reshape(-1)
-    counts = torch.bincount(flat, minlength=num_experts)
-    real = aligned.block_expert < num_experts
-    # Exactly ceil(count / BLOCK_M) blocks per expert, in expert order, none for unused experts.
-    want = torch.repeat_interleave(torch.arange(num_experts), (counts + block_m - 1) // block_m)
-    assert torch.equal(aligned.block_expert[real].long(), want)
-    assert real.sum() <= aligned.max_blocks and not real[int(real.sum()):].any()
-    # Every slot appears once, in the block of its own expert; padding holds S.
-    rows = aligned.sorted_slots.view(-1, block_m)[real]  # [real blocks, BLOCK_M]
-    slots = rows[rows < flat.numel()]
-    assert torch.equal(slots.sort().values, torch.arange(flat.numel(), dtype=torch.int32))
-    owner = aligned.block_expert[real].long().unsqueeze(1).expand_as(rows)[rows < flat.numel()]
-    assert torch.equal(flat[slots.long()], owner)
