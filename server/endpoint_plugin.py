@@ -7,7 +7,15 @@ ServerSettings (unipool-serve writes them from its flags).
 
   attach_router  our routes (steering profiles, /ready) and the gateway middleware
   init_state     the engine-side secret, the profile store, the enforcement point wrapped
-                 around the engine client, the pool metrics; /ready turns 200 at the end
+                 around the engine client, the pool metrics, the shutdown hook; routes that
+                 cannot serve this model are unmounted; /ready turns 200 at the end
+
+Not mounting a vLLM route means removing it from the app after vLLM registered it: the
+endpoint plugin runs after the core routers (`unmount`).
+
+Shutdown: vLLM's SIGTERM handler calls `engine_client.shutdown(timeout)`, which drains
+running requests. Wrapped here, it first turns the server to draining (/ready 503, new
+requests 503 with Retry-After) and stops our background task, then lets vLLM drain.
 """
 
 from __future__ import annotations
@@ -38,15 +46,28 @@ class UniPoolEndpointPlugin:
         self.policy = AccessPolicy.parse(self.settings.api_keys, self.settings.admin_key)
         self.metrics = None
         self.engine_client = None
+        self.app = None
+        self.draining = False  # set once shutdown begins (from vLLM's shutdown thread: a plain flag)
 
     def attach_router(self, app) -> None:
         from .steering_api import router
 
+        self.app = app
         app.include_router(router)
         app.state.unipool_policy = self.policy
         app.state.unipool_settings = self.settings
+        app.state.unipool_unavailable = self.unavailable
         app.add_middleware(SteeringGateway, router=app.router, policy=self.policy,
-                           on_steering_error=self._count_error, on_metrics_scrape=self._refresh_metrics)
+                           on_steering_error=self._count_error, on_metrics_scrape=self._refresh_metrics,
+                           unavailable=self.unavailable)
+
+    def unavailable(self) -> str | None:
+        """Why new requests cannot be served right now (None: they can)."""
+        if self.draining:
+            return "the server is shutting down; retry on another replica"
+        if self.engine_client is not None and self.engine_client.errored:
+            return "the engine has stopped; this server cannot serve requests"
+        return None
 
     def _count_request(self, profile: str | None) -> None:
         if self.metrics is not None:
@@ -58,7 +79,7 @@ class UniPoolEndpointPlugin:
 
     async def _refresh_metrics(self) -> None:
         """Before a scrape: read the engine's routing counts, so the scrape covers every computed token."""
-        if self.metrics is None or self.engine_client is None:
+        if self.metrics is None or self.engine_client is None or self.draining:
             return
         try:
             await asyncio.wait_for(self.metrics.refresh(self.engine_client), SCRAPE_TIMEOUT_S)
@@ -95,12 +116,38 @@ class UniPoolEndpointPlugin:
         self.metrics = PoolMetrics(get_prometheus_registry(), layer_to_pool, config.num_experts,
                                    self.settings.metrics_interval)
         await self.metrics.refresh(engine_client)  # baseline: warm-up runs are not served tokens
-        state.unipool_metrics_task = asyncio.get_running_loop().create_task(self.metrics.poll_forever(engine_client))
+        loop = asyncio.get_running_loop()
+        poller = loop.create_task(self.metrics.poll_forever(engine_client))
+        self._drain_before_shutdown(engine_client, loop, poller)
+        if getattr(state, "serving_structured_decisions", "absent") is None:
+            unmount(self.app, "/v1/systemone")  # vLLM answers 501 to every call for models it cannot read
         self.engine_client = engine_client
         state.unipool_store = store  # last: /ready turns 200 from here on
         logger.info("unipool_api: %d steering profile(s) loaded: %s", len(store.names()), store.names())
         for name, error in store.load_errors.items():
             logger.error("unipool_api: profile file %s rejected: %s", name, error)
+
+
+    def _drain_before_shutdown(self, engine_client, loop, *tasks) -> None:
+        shutdown = engine_client.shutdown
+
+        def draining_shutdown(*args, **kwargs):
+            self.draining = True
+            for task in tasks:
+                loop.call_soon_threadsafe(task.cancel)
+            logger.info("unipool_api: draining: new requests get 503, running ones finish")
+            return shutdown(*args, **kwargs)
+
+        engine_client.shutdown = draining_shutdown
+
+
+def unmount(app, path: str) -> None:
+    """Remove every route of `path` from the app (and from its OpenAPI schema)."""
+    if app is None:
+        return
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != path]
+    app.openapi_schema = None
+    logger.info("unipool_api: %s unmounted (it cannot serve this model)", path)
 
 
 def make_plugin() -> UniPoolEndpointPlugin:

@@ -1,6 +1,9 @@
 """ASGI middleware in front of every route of vLLM's app: keys, route access, request context.
 
 For each HTTP or WebSocket request it
+  0. answers 503 (with Retry-After) while the server cannot serve (draining for shutdown,
+     engine dead), and makes every error response, whoever produced it, leave in the OpenAI
+     envelope;
   1. finds the route the request is for and its access class (server/policy.py), checks the
      bearer key (401) and the class (403);
   2. for a body that is JSON, takes the steering request out of it: the top-level
@@ -23,13 +26,14 @@ from unipool_serve.model_executor.steering import contract
 from unipool_serve.model_executor.steering.profile import NAME_PATTERN, NAME_RULE
 
 from .enforcement import CURRENT_REQUEST, RequestContext, resolve_profile, SteeringRefused
-from .errors import APIError, send_openai_error
+from .errors import APIError, envelope_errors, send_openai_error
 from .policy import Access, AccessPolicy, Caller, route_access
 
 MAX_BODY_BYTES = 32 << 20
 BODY_METHODS = ("POST", "PUT", "PATCH")
 RAW_BODY_ROUTES = {("POST", "/v1/steering/profiles")}  # binary uploads: never parsed as JSON
 METRICS_ROUTE = "/metrics"
+RETRY_AFTER_S = 5
 
 
 class SteeringGateway:
@@ -37,16 +41,20 @@ class SteeringGateway:
 
     def __init__(self, app, router, policy: AccessPolicy,
                  on_steering_error: Callable[[str], None] | None = None,
-                 on_metrics_scrape: Callable[[], Awaitable[None]] | None = None):
+                 on_metrics_scrape: Callable[[], Awaitable[None]] | None = None,
+                 unavailable: Callable[[], str | None] = lambda: None):
         self.app = app
         self.router = router  # the FastAPI app's router: what each path is
         self.policy = policy
+        self.unavailable = unavailable  # why the server cannot take requests now (None: it can)
         self.on_steering_error = on_steering_error  # (reason) -> None: metrics hook
         self.on_metrics_scrape = on_metrics_scrape  # refreshes routing counts before a scrape
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            send = envelope_errors(send)
         template = self.route_template(scope)
         if template is None:  # no such path: the app answers 404 (or 405)
             return await self.app(scope, receive, send)
@@ -56,6 +64,8 @@ class SteeringGateway:
                 await self.on_metrics_scrape()
             return await self.app(scope, receive, send)
         try:
+            if (reason := self.unavailable()) is not None:
+                raise APIError(503, reason, code="unavailable")
             caller = self.policy.identify(dict(scope.get("headers") or []))
             self.policy.check(access, caller)
             scope.setdefault("state", {})["unipool_admin"] = caller.is_admin
@@ -179,4 +189,5 @@ async def refuse(scope, send, err: APIError) -> None:
         # before accept: the handshake is answered 403; the close code says why
         await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
         return
-    await send_openai_error(send, err.status, err.message, param=err.param, code=err.code)
+    retry = [(b"retry-after", str(RETRY_AFTER_S).encode())] if err.status == 503 else []
+    await send_openai_error(send, err.status, err.message, param=err.param, code=err.code, headers=retry)

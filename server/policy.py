@@ -34,7 +34,7 @@ ROUTE_ACCESS: dict[str, Access] = {
     **dict.fromkeys([
         # generation (each steered at the enforcement point)
         "/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch", "/v1/responses",
-        "/v1/messages", "/invocations", "/generative_scoring", "/cohere/v2/chat",
+        "/v1/messages", "/invocations", "/generative_scoring", "/cohere/v2/chat", "/v1/systemone",
         # reading back or cancelling one's own background response (ids are unguessable)
         "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
         # no engine request: tokenization and rendering

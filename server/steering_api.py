@@ -65,6 +65,8 @@ def _api(handler):
 async def ready(request: Request):
     store = getattr(request.app.state, "unipool_store", None)
     engine = getattr(request.app.state, "engine_client", None)
+    if (reason := request.app.state.unipool_unavailable()) is not None:
+        return openai_error(503, f"not ready: {reason}", code="unavailable")
     if store is None or engine is None or engine.errored:
         return openai_error(503, "not ready: model or steering profiles still loading", code="not_ready")
     return JSONResponse({"status": "ready", "steering_profiles": store.names(), "profile_load_errors": store.load_errors})

@@ -19,3 +19,11 @@ def tiny_model_factory(tmp_path_factory):
         return cache[key]
 
     return write
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("unipool reliability")
+    group.addoption("--reliability-full", action="store_true",
+                    help="tests/reliability at full size (minutes of load, >= 1,000 fuzz cases per generation route)")
+    group.addoption("--reliability-report", metavar="PATH",
+                    help="write what each reliability test held (requests, errors, leaks) as JSON to PATH")

@@ -1,0 +1,51 @@
+"""Reliability suite: a real server under load, hostile input, shutdown and engine death.
+
+Short by default (CI); `pytest tests/reliability --reliability-full` runs the long version.
+Every test reports what it held (requests, errors, leaks) through the `report` fixture:
+printed at the end of the session, written as JSON with --reliability-report PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))  # server_process.py
+
+from server_process import start  # noqa: E402
+
+_REPORT: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def full(request) -> bool:
+    return bool(request.config.getoption("--reliability-full"))
+
+
+@pytest.fixture
+def report(request):
+    """report(**numbers): what this test held, keyed by its name."""
+    def record(**numbers):
+        _REPORT[request.node.name] = numbers
+    return record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _REPORT:
+        return
+    path = session.config.getoption("--reliability-report")
+    mode = "full" if session.config.getoption("--reliability-full") else "short"
+    if path:
+        Path(path).write_text(json.dumps({"mode": mode, "tests": _REPORT}, indent=2) + "\n")
+    lines = [f"  {name}: {numbers}" for name, numbers in sorted(_REPORT.items())]
+    print(f"\nreliability ({mode}):\n" + "\n".join(lines))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_factory, tmp_path_factory):
+    model = tiny_model_factory("reliability-model", seed=1)
+    with start(tmp_path_factory, model, ["--enable-prefix-caching", "--max-num-seqs", "128"]) as s:
+        yield s
