@@ -13,9 +13,11 @@ ServerSettings (unipool-serve writes them from its flags).
 Not mounting a vLLM route means removing it from the app after vLLM registered it: the
 endpoint plugin runs after the core routers (`unmount`).
 
-Shutdown: vLLM's SIGTERM handler calls `engine_client.shutdown(timeout)`, which drains
-running requests. Wrapped here, it first turns the server to draining (/ready 503, new
-requests 503 with Retry-After) and stops our background task, then lets vLLM drain.
+Shutdown: vLLM's SIGTERM handler calls `engine_client.shutdown(timeout)` in a thread.
+Wrapped here, it first turns the server to draining (/ready 503, new requests 503 with
+Retry-After), stops our background task, waits (up to the grace period) for the running
+requests to finish, and stops AsyncLLM's output handler before the engine goes away, so a
+clean shutdown logs no EngineDeadError. Then vLLM's own shutdown runs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 
 from unipool_serve.model_executor.settings import ServerSettings, setting
 from unipool_serve.model_executor.steering import contract
@@ -129,14 +132,22 @@ class UniPoolEndpointPlugin:
 
 
     def _drain_before_shutdown(self, engine_client, loop, *tasks) -> None:
+        from vllm.utils.async_utils import cancel_task_threadsafe
+
         shutdown = engine_client.shutdown
 
-        def draining_shutdown(*args, **kwargs):
+        def draining_shutdown(timeout: float | None = None, *args, **kwargs):
             self.draining = True
             for task in tasks:
                 loop.call_soon_threadsafe(task.cancel)
             logger.info("unipool_api: draining: new requests get 503, running ones finish")
-            return shutdown(*args, **kwargs)
+            deadline = time.monotonic() + (timeout or 0)
+            while engine_client.get_num_unfinished_requests() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            handler = getattr(engine_client, "output_handler", None)
+            if handler is not None and not engine_client.get_num_unfinished_requests():
+                cancel_task_threadsafe(handler)  # idle now; the engine's exit would make it log an error
+            return shutdown(timeout, *args, **kwargs)
 
         engine_client.shutdown = draining_shutdown
 

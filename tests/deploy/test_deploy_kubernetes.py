@@ -141,6 +141,21 @@ def test_server_pod_wiring(overlay):
     assert c["image"] != "unipool-serve", f"{overlay} leaves the placeholder image name"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shutdown_fits_the_termination_grace_period(overlay):
+    # SIGTERM comes after preStop; the server then drains for --grace-period seconds (its /ready
+    # turns 503 at once, which the readiness probe sees within period x threshold seconds).
+    path = f"overlays/{overlay}"
+    pod = one(path, "Deployment")["spec"]["template"]["spec"]
+    c = container(path)
+    pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = int(arg_value(c["args"], "--grace-period"))
+    assert 0 < pause and 0 < drain
+    assert pause + drain + 10 <= pod["terminationGracePeriodSeconds"]
+    probe = c["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/ready" and probe["periodSeconds"] * probe["failureThreshold"] <= drain
+
+
 def gpus(c: dict) -> tuple[str | None, str | None]:
     return (c["resources"].get("requests", {}).get("nvidia.com/gpu"),
             c["resources"].get("limits", {}).get("nvidia.com/gpu"))

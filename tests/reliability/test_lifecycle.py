@@ -1,0 +1,105 @@
+"""Shutdown under load drains cleanly; a dead engine makes the API answer 503 and /health fail, never hang.
+
+Each test starts (and ends) its own server. "Running" is an observed event here (a stream's
+first chunk arrived), never a wait on the clock.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from server_process import API_KEY, PROMPT, start
+
+pytestmark = pytest.mark.server
+TOKENS = 120
+
+
+def _streams(server, count: int):
+    """Start `count` streaming completions; returns (all-first-chunks event, results list, threads)."""
+    started, results, lock = threading.Semaphore(0), [], threading.Lock()
+
+    def run():
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": TOKENS, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        tokens, status, signalled = None, None, False
+        try:
+            with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300) as c:
+                with c.stream("POST", "/v1/completions", json=body) as resp:
+                    status = resp.status_code
+                    for line in resp.iter_lines():
+                        if line.startswith("data: {"):
+                            if not signalled:
+                                signalled = True
+                                started.release()
+                            tokens = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", tokens)
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        finally:
+            if not signalled:
+                started.release()
+            with lock:
+                results.append((status, tokens))
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return started, results, threads
+
+
+def test_sigterm_under_load_drains_and_exits_zero(tiny_model_factory, tmp_path_factory, full, report):
+    streams = 32 if full else 8
+    with start(tmp_path_factory, tiny_model_factory("lifecycle-model", seed=2), []) as server:
+        started, results, threads = _streams(server, streams)
+        for _ in range(streams):
+            assert started.acquire(timeout=300)  # every stream is running in the engine
+        log_before = len(server.log.read_text(errors="replace"))
+        server.proc.send_signal(signal.SIGTERM)
+        ready, deadline = 200, time.monotonic() + 60
+        while ready == 200 and time.monotonic() < deadline:  # the drain flag is set by vLLM's shutdown thread
+            ready = httpx.get(f"{server.url}/ready", timeout=10).status_code
+        late = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2}, timeout=30)
+        for t in threads:
+            t.join(300)
+        code = server.proc.wait(timeout=120)
+        shutdown_log = server.log.read_text(errors="replace")[log_before:]
+    finished = sum(1 for status, tokens in results if status == 200 and tokens == TOKENS)
+    error_lines = [line for line in shutdown_log.splitlines() if re.search(r"\bERROR\b|Traceback", line)]
+    report(streams=streams, finished=finished, ready_during_drain=ready, late_request=late.status_code,
+           retry_after=late.headers.get("retry-after"), exit_code=code, error_lines=len(error_lines))
+    assert ready == 503
+    assert late.status_code == 503 and late.headers.get("retry-after") and late.json()["error"]["message"]
+    assert finished == streams, results
+    assert code == 0
+    assert error_lines == [], error_lines[:10]
+
+
+def test_a_dead_engine_gives_503_and_a_failing_health_check(tiny_model_factory, tmp_path_factory, report):
+    with start(tmp_path_factory, tiny_model_factory("lifecycle-model", seed=2), []) as server:
+        engines = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                   if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        assert engines, "no engine process found"
+        for engine in engines:
+            engine.kill()
+        health, completion, deadline = 200, None, time.monotonic() + 120
+        while health == 200 and time.monotonic() < deadline:  # the API notices the engine's death
+            try:
+                health = httpx.get(f"{server.url}/health", timeout=30).status_code
+            except httpx.TransportError:
+                health = "refused"  # the API process has exited: also not healthy
+        try:
+            completion = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                                    json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2}, timeout=30).status_code
+        except httpx.TransportError:
+            completion = "refused"
+    report(health_after_kill=health, completion_after_kill=completion)
+    assert health != 200
+    assert completion in (503, "refused")
