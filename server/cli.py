@@ -62,6 +62,8 @@ def server_settings(ours: argparse.Namespace, model: Path) -> ServerSettings:
         raise ValueError(f"--steering-dir {steering_dir} cannot be read")
     if any("," in spec for spec in ours.api_key):
         raise ValueError("--api-key values must not contain ','")
+    if ours.admin_key is not None and not ours.admin_key.strip():
+        raise ValueError("--admin-key is empty")
     policy = AccessPolicy.parse(ours.api_key, ours.admin_key)
     for profile in sorted(policy.bound_profiles()):
         if steering_dir is None or not (steering_dir / f"{profile}.safetensors").is_file():
@@ -75,7 +77,9 @@ def server_settings(ours: argparse.Namespace, model: Path) -> ServerSettings:
 def _configure_environment(settings: ServerSettings) -> None:
     os.environ["VLLM_PLUGINS"] = PLUGINS  # loads our model plugin and our endpoint plugin
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # steering hooks the V1 runner; the worker checks it
+    # The V1 runner is the steering path verified on every build; V2 is supported by design
+    # (steering/worker.py) and chosen only when asked for explicitly.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     settings.export()
 
 

@@ -79,8 +79,8 @@ class AccessPolicy:
             if key in keys:
                 raise ValueError(f"--api-key {key!r} is given twice")
             keys[key] = profile or None
-        if admin_key is not None and not admin_key.strip():
-            raise ValueError("--admin-key is empty")
+        if admin_key and admin_key != admin_key.strip():
+            raise ValueError("--admin-key has surrounding spaces")
         if admin_key and admin_key in keys:
             raise ValueError("--admin-key equals one of the --api-key keys: use a separate admin key")
         return cls(keys, admin_key or None)

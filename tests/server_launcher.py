@@ -35,13 +35,14 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def run_server(args: list[str], log: Path, env: dict[str, str] | None = None):
+def run_server(args: list[str], log: Path, env: dict[str, str] | None = None, python: str = sys.executable,
+               cwd: str | None = None):
     """`unipool-serve ARGS --host 127.0.0.1 --port <free>`; yields a ServerProcess once ready, kills it after."""
     port = free_port()
-    cmd = [sys.executable, "-m", "unipool_serve.server.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [python, "-m", "unipool_serve.server.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
     deadline = time.monotonic() + START_TIMEOUT
     try:

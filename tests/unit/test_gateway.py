@@ -123,6 +123,7 @@ def test_profile_uploads_pass_as_raw_bytes():
 
 def test_policy_refuses_inconsistent_keys():
     for keys, admin, message in ((["a", "a=p"], None, "given twice"), (["a"], "a", "admin-key equals"),
-                                 ([" a"], None, "surrounding spaces"), (["=p"], None, "empty"), ([], " ", "empty")):
+                                 ([" a"], None, "surrounding spaces"), (["=p"], None, "empty"),
+                                 ([], " root", "surrounding spaces")):
         with pytest.raises(ValueError, match=message):
             AccessPolicy.parse(keys, admin)

@@ -1,0 +1,70 @@
+"""The worker's two hooks, on stand-ins shaped like vLLM 0.32's V1 and V2 model runners.
+
+V1 also runs for real in tests/engine; V2 cannot run on the CPU build, so this is where its
+bookkeeping (rows by request index, the index filled in prepare_inputs) is checked.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from unipool_serve.model_executor.steering import contract
+from unipool_serve.model_executor.steering.table import SteeringTable
+from unipool_serve.model_executor.steering.worker import RequestRows, V1StepHook, V2StepHook
+
+SECRET = b"w" * 32
+
+
+def _rows() -> RequestRows:
+    table = SteeringTable(max_tokens=16, num_layers=1, num_experts=4, max_profiles=3)
+    table.set_row(2, torch.zeros(1, 4), torch.zeros(1, 4), "d2")
+    rows = RequestRows(table)
+    rows.secret = SECRET
+    return rows
+
+
+def _params(slot=None, digest="d2", secret=SECRET):
+    extra = None if slot is None else contract.steering_args(secret, "p", slot, digest)
+    return SimpleNamespace(extra_args=extra)
+
+
+def test_v1_hook_fills_the_index_from_each_requests_signed_row():
+    rows = _rows()
+    forwarded = []
+    runner = SimpleNamespace(
+        _model_forward=lambda **kw: forwarded.append(kw["input_ids"].shape[0]),
+        requests={"a": SimpleNamespace(sampling_params=_params(2)), "b": SimpleNamespace(sampling_params=_params()),
+                  "c": SimpleNamespace(sampling_params=_params(2, secret=b"forged"))},
+        input_batch=SimpleNamespace(req_ids=["a", "b", "c"], num_reqs=3),
+        query_start_loc=SimpleNamespace(np=np.array([0, 3, 4, 6])))
+    V1StepHook(runner, rows)
+    rows.table.index.fill_(9)
+    runner._model_forward(input_ids=torch.zeros(8, dtype=torch.long))
+    assert forwarded == [8]
+    assert rows.table.index[:8].tolist() == [2, 2, 2, 0, 0, 0, 0, 0]  # forged row ignored, padding zeroed
+
+
+def test_v2_hook_keeps_rows_by_request_index():
+    rows = _rows()
+    calls = []
+    state = SimpleNamespace(add_request=lambda i, d: calls.append(("add", i)),
+                            remove_request=lambda r: calls.append(("remove", r)),
+                            prepare_inputs=lambda b, s: {"prepared": True})
+    runner = SimpleNamespace(model_state=state, req_states=SimpleNamespace(req_id_to_index={"a": 5, "b": 1}))
+    V2StepHook(runner, rows)
+    state.add_request(5, SimpleNamespace(sampling_params=_params(2)))
+    state.add_request(1, SimpleNamespace(sampling_params=_params()))
+    batch = SimpleNamespace(idx_mapping_np=np.array([1, 5]), num_reqs=2, query_start_loc_np=np.array([0, 2, 5]),
+                            num_tokens_after_padding=8)
+    rows.table.index.fill_(9)
+    assert state.prepare_inputs(batch, None) == {"prepared": True}
+    assert rows.table.index[:8].tolist() == [0, 0, 2, 2, 2, 0, 0, 0]
+    state.remove_request("a")
+    assert not rows.known(5) and calls[-1] == ("remove", "a")
+    rows.table.clear_row(2)  # rewritten since admission: never another profile's content
+    state.add_request(5, SimpleNamespace(sampling_params=_params(2)))
+    state.prepare_inputs(batch, None)
+    assert rows.table.index[:8].tolist() == [0] * 8
