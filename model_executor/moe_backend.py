@@ -24,7 +24,7 @@ from unipool_serve.kernels.moe_reference import pool_moe
 from unipool_serve.kernels.routing_reference import route_with_table
 
 from .expert_pool import ExpertPool
-from .settings import setting
+from .settings import parse_setting, setting
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class TritonBackend(VllmTritonBackend):
 
 def select_backend(device_type: str, dtype: torch.dtype, hidden_size: int, name: str | None = None):
     """The backend named by UNIPOOL_MOE_BACKEND (or `name`), else the platform default."""
-    name = name or setting(BACKEND_ENV)
+    name = setting(BACKEND_ENV) if name is None else parse_setting(BACKEND_ENV, name)
     if name is None:
         name = "triton" if device_type == "cuda" else "cpu" if device_type == "cpu" else "torch"
     if name in ("triton", "vllm-triton") and device_type != "cuda":

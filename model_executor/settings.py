@@ -92,8 +92,12 @@ def _to_env(value: Any) -> str:
 
 def setting(name: str) -> Any:
     """The parsed value of a declared variable (its default when unset)."""
+    return parse_setting(name, os.environ.get(name, SETTINGS[name].default))
+
+
+def parse_setting(name: str, raw: str) -> Any:
+    """`raw` parsed as variable `name` would be; ValueError naming the variable and what it accepts."""
     declared = SETTINGS[name]
-    raw = os.environ.get(name, declared.default)
     try:
         return declared.parse(raw)
     except ValueError as exc:
