@@ -34,6 +34,21 @@ from pathlib import Path
 ITERATION = 7
 
 
+def write_gpt2_files(folder: Path) -> dict[str, Path]:
+    """A tiny GPT-2-style vocab.json + merges.txt (byte-level BPE, 320 tokens, <|endoftext|>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "def f(x):\n    return x * 2\n"] * 20,
+                            trainer=trainer)
+    tok.model.save(str(folder))
+    return {"vocab_file": folder / "vocab.json", "merge_file": folder / "merges.txt"}
+
+
 def write_checkpoint(folder: Path, **spec) -> dict:
     """Build and save a checkpoint into `folder`; returns the spec with defaults filled in."""
     spec = {

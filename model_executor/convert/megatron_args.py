@@ -155,7 +155,7 @@ def read_run(args) -> MegatronRun:
     if etp != tp:
         raise ConversionError(f"args.expert_tensor_parallel_size={etp} differs from tensor_model_parallel_size={tp}: "
                               "not supported")
-    for name, total, parts in (("num_query_groups", groups, tp), ("padded_vocab_size", _get(args, "padded_vocab_size"), tp),
+    for name, total, parts in (("num_attention_heads", heads, tp), ("padded_vocab_size", _get(args, "padded_vocab_size"), tp),
                                ("num_experts", experts, ep), ("moe_ffn_hidden_size", width, tp)):
         if total % parts:
             raise ConversionError(f"args.{name}={total} is not divisible by its parallel size {parts}")

@@ -4,8 +4,9 @@ Split rules (megatron-core 0.16; each checked against its sharded_state_dict and
 tests/unit/test_convert_megatron.py). T = tensor-parallel size, rank t holds slice t:
 
   embedding.word_embeddings.weight, output_layer.weight   [V/T, H]   rows (vocab), in rank order
-  self_attention.linear_qkv.weight   [G/T * (Q/G + 2) * D, H]   per query group: its Q/G query
-                                      heads, then its key head, then its value head; groups in rank order
+  self_attention.linear_qkv.weight   [G * (Q/G + 2) * D / T, H]  rows; the full tensor holds, per query
+                                      group, its Q/G query heads, then its key head, then its value head
+                                      (with G < T a group spans ranks; Megatron all-gathers it)
   self_attention.linear_proj.weight  [H, Q*D/T]                 columns
   linear_fc1 of an expert / shared expert  [2F/T, H]   rank t holds [gate_t; up_t]: the gate is
                                       gate_0..gate_{T-1}, the up projection up_0..up_{T-1}
@@ -116,7 +117,7 @@ class MegatronTensors:
             shapes["output_layer.weight"] = (self.V // T, H)
         for l in range(self.L):
             p = f"decoder.layers.{l}."
-            shapes[p + "self_attention.linear_qkv.weight"] = ((self.G // T) * (self.Q // self.G + 2) * self.D, H)
+            shapes[p + "self_attention.linear_qkv.weight"] = (self.G * (self.Q // self.G + 2) * self.D // T, H)
             shapes[p + "self_attention.linear_proj.weight"] = (H, self.Q * self.D // T)
             shapes[p + "mlp.router.weight"] = (self.E, H)
             if self.cfg["router_type"] == "norm":
