@@ -15,7 +15,8 @@ What is ours, not megatron-core's:
   and adds the `norm_scale` parameter the fork saves.
 - `args`: megatron-core ships no training argument parser, so the namespace is written
   here with the fork's argument names (megatron/training/arguments.py), including a real
-  Megatron enum (`AttnBackend`) and numpy RNG state, as the fork's files hold.
+  Megatron enum (`AttnBackend`), `exit_signal` (a `signal.Signals`) and numpy RNG state, as
+  the fork's files hold.
 - CPU forward: megatron-core 0.16 assumes CUDA in three places of an inference forward;
   `_patch_for_cpu` points them at the CPU. The legacy GroupedMLP needs the CUDA-only
   `grouped_gemm` package: its `gmm` is replaced by a per-expert matmul loop (the weight
@@ -155,6 +156,7 @@ def _scale_experts(experts, ep_rank: int) -> None:
 
 def _args(spec: dict):
     import argparse
+    import signal
 
     import torch
 
@@ -182,7 +184,8 @@ def _args(spec: dict):
         tensor_model_parallel_size=spec["tp"], pipeline_model_parallel_size=1, expert_model_parallel_size=spec["ep"],
         expert_tensor_parallel_size=spec["tp"], sequence_parallel=spec["tp"] > 1, bf16=False, fp16=False,
         params_dtype=torch.float32, tokenizer_type="GPT2BPETokenizer", vocab_file=None, merge_file=None,
-        attention_backend=AttnBackend.auto, transformer_impl="local", ckpt_format="torch", iteration=spec["iteration"],
+        attention_backend=AttnBackend.auto, exit_signal=signal.SIGTERM, transformer_impl="local", ckpt_format="torch",
+        iteration=spec["iteration"],
     )
 
 

@@ -3,7 +3,7 @@
 A `model_optim_rng.pt` is a pickle. `torch.load(weights_only=True)` rebuilds tensors and
 plain containers only; everything else must be allowlisted. A Megatron checkpoint also
 pickles its training `args` (an `argparse.Namespace` holding Megatron enums such as
-`AttnBackend`), numpy RNG state and, with Transformer Engine, `io.BytesIO` extra state.
+`AttnBackend` and a `signal.Signals`), numpy RNG state and, with Transformer Engine, `io.BytesIO` extra state.
 Those names are bound here to inert stand-ins (`PickledStandIn`): they are never imported
 or called, they only keep the pickled arguments. Any other type is refused with one line
 naming it. `mmap=True` leaves tensor data on disk until it is read, so opening every rank
@@ -45,8 +45,10 @@ MEGATRON_ENUMS = tuple(f"megatron.{name}" for name in (
     "core.transformer.moe.upcycling_utils.ExpertsType", "legacy.model.enums.AttnMaskType",
     "legacy.model.enums.AttnType", "legacy.model.enums.LayerType", "training.checkpointing.CheckpointType",
 ))
-# numpy arrays (the RNG state) and Transformer Engine's BytesIO extra state: not needed, not rebuilt.
+# args.exit_signal (a signal.Signals member in the fork's args), numpy arrays (the RNG state) and
+# Transformer Engine's BytesIO extra state: not needed, not rebuilt.
 OTHER_STAND_INS = (
+    "signal.Signals",
     "numpy.core.multiarray._reconstruct",
     "numpy._core.multiarray._reconstruct",
     "numpy.ndarray",
