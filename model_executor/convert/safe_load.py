@@ -13,6 +13,7 @@ file of a multi-GB checkpoint costs next to no memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pickletools
 import zipfile
 from pathlib import Path
@@ -45,14 +46,19 @@ MEGATRON_ENUMS = tuple(f"megatron.{name}" for name in (
     "core.transformer.moe.upcycling_utils.ExpertsType", "legacy.model.enums.AttnMaskType",
     "legacy.model.enums.AttnType", "legacy.model.enums.LayerType", "training.checkpointing.CheckpointType",
 ))
-# args.exit_signal (a signal.Signals member in the fork's args), numpy arrays (the RNG state) and
-# Transformer Engine's BytesIO extra state: not needed, not rebuilt.
+# The other types megatron-core itself declares safe for its checkpoints (megatron/core/safe_globals.py):
+# args.exit_signal (signal.Signals), paths, namespaces, its optimizer config, numpy arrays (the RNG
+# state) and Transformer Engine's BytesIO extra state. None is needed, none is rebuilt.
 OTHER_STAND_INS = (
     "signal.Signals",
+    "pathlib.PosixPath",
+    "types.SimpleNamespace",
+    "megatron.core.optimizer.optimizer_config.OptimizerConfig",
     "numpy.core.multiarray._reconstruct",
     "numpy._core.multiarray._reconstruct",
     "numpy.ndarray",
     "numpy.dtype",
+    "numpy.dtypes.UInt32DType",
     "_io.BytesIO",
 )
 
@@ -122,6 +128,20 @@ def _refused(path: Path) -> list[str]:
     return sorted(g for g in pickled_globals(path) - ours - torch_allowed if not g.startswith("torch."))
 
 
+@contextlib.contextmanager
+def _exactly_our_allowlist():
+    """weights_only's allowlist is process-wide, and other code adds to it (importing megatron.core
+    registers its real classes): load with torch's defaults and ours only, whatever else ran."""
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        torch.serialization.add_safe_globals(_ALLOWED)
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(saved)
+
+
 def load_rank_file(path: Path) -> dict:
     """The top-level dict of one rank file; tensors memory-mapped, on the CPU."""
     path = Path(path)
@@ -134,7 +154,7 @@ def load_rank_file(path: Path) -> dict:
             f"{path}: refusing to unpickle {', '.join(refused)}: a Megatron rank file holds tensors, the "
             "argparse namespace `args` and Megatron enums; other types would run code from the file when loaded")
     try:
-        with torch.serialization.safe_globals(_ALLOWED):
+        with _exactly_our_allowlist():
             loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError from a truncated zip, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

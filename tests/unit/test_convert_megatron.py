@@ -414,7 +414,7 @@ def test_megatron_types_load_as_inert_stand_ins(tmp_path):
     torch.save({"args": argparse.Namespace(attention_backend=AttnBackend.flash, params_dtype=torch.bfloat16),
                 "model": {"w": torch.ones(2)}, "rng_state": [{"np_rng_state": np.random.get_state(),
                                                               "random_rng_state": random.getstate()}]}, path)
-    loaded = load_rank_file(path)
+    loaded = load_rank_file(path)  # importing megatron.core above registered its real classes: ignored
     backend = loaded["args"].attention_backend
     assert isinstance(backend, PickledStandIn) and backend.value == AttnBackend.flash.value
     assert type(backend).__module__ != "megatron.core.transformer.enums"  # never the real class
