@@ -25,7 +25,7 @@ from .errors import ConversionError
 from .megatron_args import read_run
 from .megatron_files import find_iteration_dir, first_rank_file, rank_grid
 from .megatron_tensors import MegatronTensors, detect_layout
-from .output_folder import output_folder, write_safetensors
+from .output_folder import check_new_folder, output_folder, write_safetensors
 from .safe_load import load_rank_file
 from .tokenizer_files import choose_tokenizer
 
@@ -85,6 +85,7 @@ def convert_megatron(
     bars = _progress_bars(progress)
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    check_new_folder(Path(out_dir))  # before minutes of checks, not after
     iteration_dir = find_iteration_dir(Path(ckpt_dir), iteration)
     first = load_rank_file(first_rank_file(iteration_dir))
     args = first.get("args")

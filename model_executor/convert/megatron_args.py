@@ -48,6 +48,7 @@ _MUST = (
     ("moe_router_num_groups", None, lambda v: not v, "unset (no group-limited routing)"),
     ("moe_router_group_topk", None, lambda v: not v, "unset"),
     ("moe_relu_routing", False, lambda v: not v, "false"),
+    ("moe_router_force_load_balancing", False, lambda v: not v, "false (a benchmarking mode: random routing)"),
     ("moe_hash_routing", False, lambda v: not v, "false"),
     ("moe_shared_expert_gate", False, lambda v: not v, "false (no gated shared expert)"),
     ("moe_apply_probs_on_input", False, lambda v: not v, "false"),

@@ -28,12 +28,18 @@ from .megatron_tensors import PlannedTensor
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
+def check_new_folder(out: Path) -> None:
+    """`out` may be created: it does not exist, or is an empty folder."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"OUT_DIR {out} already exists and is not an empty folder: choose a new path")
+
+
 @contextlib.contextmanager
 def output_folder(out: Path) -> Iterator[Path]:
     """A temporary folder, renamed to `out` when the block succeeds, deleted when it fails."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConversionError(f"OUT_DIR {out} already exists and is not an empty folder: choose a new path")
+    check_new_folder(out)  # again: time has passed since the caller's early check
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
