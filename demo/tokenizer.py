@@ -8,16 +8,11 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from unipool_serve.model_executor.convert.tokenizer_files import CHAT_TEMPLATE
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
-# A minimal chat format, so /v1/chat/completions works on every model we write.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'] }}: {{ message['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 
 _SAMPLE_TEXT = [
     "The quick brown fox jumps over the lazy dog while the river runs to the sea.",

@@ -11,37 +11,41 @@ import functools
 import hashlib
 import json
 
-import torch
+import numpy as np
 from transformers import PretrainedConfig
 
 from unipool_serve.kernels.routing_spec import ROUTER_KINDS, RoutingSpec
 
-# NormRouter's constant c is a Monte Carlo estimate; these fix it so every
-# implementation (and every machine) derives the same value from (M, k).
+# NormRouter's constant c is a Monte Carlo estimate. It is fixed to the exact draw
+# sequence of the UniPool training code (numpy's legacy RandomState seeded 42, one
+# randn(M) per sample, in order), so a model trained there is served with the very
+# constant it was trained with, not merely a close estimate.
 NORM_C_SAMPLES = 100_000
 NORM_C_SEED = 42
-NORM_C_CHUNK = 10_000
 
 
 @functools.lru_cache(maxsize=64)
 def norm_router_constant(num_experts: int, top_k: int) -> float:
     """c = E[1 / sqrt(sum_{j<=k} y_(j)^2)], y = relu(x / ||x||), x ~ N(0, I_M).
 
-    Computed in float64 on CPU from a torch generator seeded 42 with 100k samples,
-    drawn in chunks of 10k. Samples whose top-k entries are all zero (every x_i <= 0,
-    probability 2^-M) route nothing and are skipped, so small pools stay finite.
+    float64 numpy, `np.random.RandomState(42)`, 100k samples each drawn with its own
+    `randn(M)` call and reduced one at a time, then `np.mean` over the samples: the
+    same operations, in the same order, as UniPool's NormRouter initialisation.
+    One difference: a sample whose top-k entries are all zero (every x_i <= 0,
+    probability 2^-M per sample) would make the mean infinite; it is skipped, so
+    small pools get a finite c. For M >= 32 no such sample occurs in practice and
+    the value is the training code's. About a second per (M, k); cached.
     """
-    gen = torch.Generator().manual_seed(NORM_C_SEED)
-    total, count = 0.0, 0
-    for _ in range(NORM_C_SAMPLES // NORM_C_CHUNK):
-        x = torch.randn(NORM_C_CHUNK, num_experts, generator=gen, dtype=torch.float64)
-        y = torch.relu(x / x.norm(dim=-1, keepdim=True))
-        top = y.topk(top_k, dim=-1).values
-        energy = top.square().sum(dim=-1).sqrt()
-        keep = energy > 0
-        total += (1.0 / energy[keep]).sum().item()
-        count += int(keep.sum())
-    return total / count
+    rng = np.random.RandomState(NORM_C_SEED)
+    samples = []
+    for _ in range(NORM_C_SAMPLES):
+        x = rng.randn(num_experts)  # one call per sample: the stream must match draw for draw
+        y = np.maximum(0, x / np.linalg.norm(x))
+        top = np.sort(y)[::-1][:top_k]
+        energy = (top ** 2).sum() ** 0.5
+        if energy > 0:
+            samples.append(1.0 / energy)
+    return float(np.mean(samples))
 
 
 class UniPoolConfig(PretrainedConfig):

@@ -1,16 +1,28 @@
+import math
+
 import pytest
 
 from unipool_serve.model_executor.config import UniPoolConfig, norm_router_constant
 from unipool_serve.demo.tiny_model import tiny_config
 
 
-def test_norm_router_constant_is_reproducible_and_documented():
-    # docs/checkpoint-format.md quotes this value for (M=96, k=1).
-    c = norm_router_constant.__wrapped__(96, 1)
-    assert c == pytest.approx(4.014086768340668, rel=1e-12)
-    assert norm_router_constant.__wrapped__(96, 1) == c
+def test_norm_router_constant_is_the_training_codes_value():
+    # docs/checkpoint-format.md quotes these. They are what UniPool's own NormRouter
+    # initialisation computes (numpy RandomState(42), one randn(M) per sample); the
+    # earlier torch-generator estimate gave 4.014086768340668 and 2.8244182956129835,
+    # 0.05% and 0.12% off, which a model trained with that code must not be served with.
+    assert norm_router_constant.__wrapped__(96, 1) == pytest.approx(4.016194122308835, rel=1e-12)
+    assert norm_router_constant.__wrapped__(32, 1) == pytest.approx(2.827778015950584, rel=1e-12)
     # More experts chosen -> more score mass to spread -> smaller constant.
-    assert norm_router_constant(96, 4) < c
+    assert norm_router_constant(32, 4) < norm_router_constant(32, 1)
+
+
+def test_norm_router_constant_stays_finite_for_small_pools():
+    # With 4 experts about 1 sample in 16 has no positive entry; the training code's
+    # mean would be infinite. Those samples are skipped: c is finite, and above 1
+    # since y has unit norm.
+    c = norm_router_constant(4, 1)
+    assert math.isfinite(c) and c > 1.0
 
 
 def test_config_derives_c_and_maps():
