@@ -23,12 +23,12 @@ MAX_EXPERTS = 4096  # the tile is held in registers; beyond this it would spill
 
 @triton.jit
 def _route_kernel(
-    logits_ptr, steer_ptr, bias_ptr, mask_ptr, scale_ptr, ids_ptr, weights_ptr,
+    logits_ptr, steer_ptr, bias_ptr, mask_ptr, budget_ptr, scale_ptr, ids_ptr, weights_ptr,
     num_tokens, num_experts, layer, stride_lt,
     stride_bp, stride_bl, stride_mp, stride_ml,
     norm_scale, norm_c,
     ROUTER: tl.constexpr, EXCLUDE_FILL: tl.constexpr, RENORMALIZE: tl.constexpr,
-    SCALE_IN_MEMORY: tl.constexpr, STEERED: tl.constexpr,
+    SCALE_IN_MEMORY: tl.constexpr, STEERED: tl.constexpr, BUDGETED: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] token ids
@@ -96,6 +96,11 @@ def _route_kernel(
         taken = taken | chosen
         out_ids = tl.where(kcols[None, :] == j, pick[:, None], out_ids)
         out_w = tl.where(kcols[None, :] == j, weight[:, None], out_w)
+    if BUDGETED:  # slots past the token's budget: the dropped id E, gate 0
+        budget = tl.load(budget_ptr + rows, mask=row_ok, other=TOP_K)  # [BT]
+        dropped = kcols[None, :] >= budget[:, None]
+        out_ids = tl.where(dropped, num_experts, out_ids)
+        out_w = tl.where(dropped, 0.0, out_w)
     if RENORMALIZE:
         out_w = out_w / tl.maximum(tl.sum(out_w, axis=1), 1e-20)[:, None]
 
@@ -128,7 +133,7 @@ def fused_route(
     assert 1 <= num_experts <= MAX_EXPERTS, f"E={num_experts} outside 1..{MAX_EXPERTS}"
     assert 1 <= top_k <= num_experts, f"top_k={top_k} must be in 1..E={num_experts}"
     if steering is not None:
-        index, bias_table, mask_table = steering
+        index, bias_table, mask_table = steering.index, steering.bias, steering.mask
         assert index.shape == (num_tokens,) and index.dtype == torch.int32 and index.is_contiguous()
         for name, table, dtype in (("bias", bias_table, torch.float32), ("mask", mask_table, torch.int8)):
             assert table.dim() == 3 and table.shape[2] == num_experts, f"{name} must be [P+1, L, E]: {tuple(table.shape)}"
@@ -136,8 +141,12 @@ def fused_route(
             assert table.device == logits.device
         assert bias_table.shape == mask_table.shape
         assert 0 <= layer < bias_table.shape[1], f"layer {layer} outside 0..{bias_table.shape[1] - 1}"
+        budget = steering.top_k
+        if budget is not None:
+            assert budget.shape == (num_tokens,) and budget.dtype == torch.int32 and budget.is_contiguous()
     else:  # any tensors will do: the kernel reads none of them
         index, bias_table, mask_table = logits, logits.view(1, *logits.shape), logits.view(1, *logits.shape)
+        budget = None
 
     scale_in_memory = kind.learned_scale and isinstance(scale, torch.Tensor)
     if scale_in_memory:
@@ -161,13 +170,13 @@ def fused_route(
     block_t = max(1, min(64, 2048 // block_e, triton.next_power_of_2(num_tokens)))
     grid = (triton.cdiv(num_tokens, block_t),)
     _route_kernel[grid](
-        logits, index, bias_table, mask_table, scale_ptr, ids, weights,
+        logits, index, bias_table, mask_table, index if budget is None else budget, scale_ptr, ids, weights,
         num_tokens, num_experts, layer, logits.stride(0),
         bias_table.stride(0), bias_table.stride(1), mask_table.stride(0), mask_table.stride(1),
         scale_arg, float(spec.norm_c),
         ROUTER=kind.kernel_id, EXCLUDE_FILL=kind.exclude_fill, RENORMALIZE=spec.renormalize,
         SCALE_IN_MEMORY=scale_in_memory,
-        STEERED=steering is not None, TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
+        STEERED=steering is not None, BUDGETED=budget is not None, TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_T=block_t, BLOCK_E=block_e, num_warps=8 if block_e >= 1024 else 4,
     )
     return ids, weights

@@ -20,8 +20,10 @@ Steps, for each token (docs/steering.md restates them for profile authors):
    - sigmoid: s = sigmoid(z)
 4. Selection: top-k over s with includes first and excludes last; ties go to the
    lower expert id (stable sort), so every implementation agrees.
-5. Gates: s at the chosen experts; divided by their sum when `renormalize`
-   (softmax/sigmoid only; NormRouter gates are the raw scores).
+5. Budget (optional, per token): only the first k'_t of the k choices are kept; the
+   others become id E ("dropped": the pool kernels never compute them) with gate 0.
+6. Gates: s at the kept experts; divided by their sum when `renormalize`
+   (softmax/sigmoid only; NormRouter gates are the raw scores, budget or not).
 
 The per-kind rules (score function, learned scale, renormalisation, how an excluded
 expert is removed) live in routing_spec.ROUTER_KINDS.
@@ -51,6 +53,7 @@ def route(
     *,
     bias: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    budget: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route T tokens over a pool of E experts.
 
@@ -58,7 +61,8 @@ def route(
     scale:  the router's learned scale (NormRouter's sigma; ignored by the other kinds).
     bias:   [T, E] per-token steering bias (alpha folded in) or None.
     mask:   [T, E] int8 (+1 include, -1 exclude, 0 free) or None.
-    Returns (topk_ids [T, k] int32, topk_weights [T, k] fp32).
+    budget: [T] int, experts each token keeps (0..k), or None (all k).
+    Returns (topk_ids [T, k] int32, topk_weights [T, k] fp32); dropped slots hold id E.
     """
     kind = spec.kind
     z = steer_logits(logits.float(), None if bias is None else bias.float())
@@ -75,6 +79,10 @@ def route(
         key = key.masked_fill(include, float("inf")).masked_fill(exclude, float("-inf"))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :spec.top_k]  # [T, k]
     weights = scores.gather(-1, order)
+    if budget is not None:
+        dropped = torch.arange(spec.top_k, device=order.device) >= budget.to(order.device).view(-1, 1)  # [T, k]
+        order = order.masked_fill(dropped, logits.shape[-1])
+        weights = weights.masked_fill(dropped, 0.0)
     if spec.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     return order.to(torch.int32), weights
@@ -91,4 +99,5 @@ def route_with_table(
     if steering is None:
         return route(logits, spec, scale)
     rows = steering.index.long()
-    return route(logits, spec, scale, bias=steering.bias[rows, layer], mask=steering.mask[rows, layer])
+    return route(logits, spec, scale, bias=steering.bias[rows, layer], mask=steering.mask[rows, layer],
+                 budget=steering.top_k)

@@ -72,12 +72,16 @@ class RoutingSpec:
 
 
 class SteeringView(NamedTuple):
-    """The step's steering rows, as the routers read them.
+    """The step's steering, as the routers read it.
 
     index [T] int32 (the token's row; 0 = none); bias [P+1, L, E] fp32 (alpha folded in);
-    mask [P+1, L, E] int8 (+1 include, -1 exclude); row 0 of both is all zeros.
+    mask [P+1, L, E] int8 (+1 include, -1 exclude); row 0 of both is all zeros;
+    top_k [T] int32 or None: experts each token may use, 0..k (its expert budget; k =
+    no budget). Slots past a token's budget come out with id E (the pool kernels' "dropped"
+    id: never computed) and weight 0.
     """
 
     index: torch.Tensor
     bias: torch.Tensor
     mask: torch.Tensor
+    top_k: torch.Tensor | None = None

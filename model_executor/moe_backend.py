@@ -12,6 +12,13 @@ owns both halves of a layer's MoE:
                                                after loading (F padded to 32; fp32/bf16/fp16)
   torch        torch route_with_table          kernels/moe_reference.pool_moe (a registered
                                                custom op: one opaque call to torch.compile)
+
+Dropped slots (id E, a per-token expert budget) are skipped, never computed with weight 0:
+the Triton kernel and pool_moe skip them themselves; vLLM's `fused_experts` gets an expert
+map sending E to -1 (its "not on this rank" id); `cpu_fused_moe` has no such id, so a step
+with dropped slots runs only the kept (token, slot) pairs, one row each with top-k 1, and
+adds the rows back per token (`unipool::cpu_pool_moe`, an opaque custom op: its shapes
+depend on the routing).
 """
 
 from __future__ import annotations
@@ -55,6 +62,33 @@ class TorchBackend:
         return torch.ops.unipool.pool_moe(hidden, pool.gate_up_proj, pool.down_proj, topk_ids, topk_weights)
 
 
+@torch.library.custom_op("unipool::cpu_pool_moe", mutates_args=())
+def _cpu_pool_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                     topk_ids: torch.Tensor, topk_weights: torch.Tensor, isa: str) -> torch.Tensor:
+    from vllm._custom_ops import cpu_fused_moe
+
+    num_experts = w_gate_up.shape[0]  # prepacked pools keep the expert dimension first
+    hidden = hidden.contiguous()
+    dropped = topk_ids >= num_experts  # [T, k]
+    if bool(dropped.any()):
+        tokens, slots = (~dropped).nonzero(as_tuple=True)  # [S_kept] each
+        rows = hidden[tokens]  # [S_kept, H]: one row per kept (token, slot), top-k 1
+        partial = torch.empty_like(rows)
+        if rows.shape[0]:
+            cpu_fused_moe(partial, rows, w_gate_up, w_down, None, None,
+                          topk_weights[tokens, slots].unsqueeze(1).contiguous(),
+                          topk_ids[tokens, slots].unsqueeze(1).contiguous(), "silu", isa, False)
+        return torch.zeros_like(hidden).index_add_(0, tokens, partial)
+    out = torch.empty_like(hidden)  # [T, H]
+    cpu_fused_moe(out, hidden, w_gate_up, w_down, None, None, topk_weights, topk_ids, "silu", isa, False)
+    return out
+
+
+@_cpu_pool_moe_op.register_fake
+def _(hidden, w_gate_up, w_down, topk_ids, topk_weights, isa):
+    return torch.empty_like(hidden)
+
+
 class CpuBackend:
     """vLLM's CPU grouped GEMM; `amx` only with AMX tiles and bf16, `vec` otherwise."""
 
@@ -75,13 +109,8 @@ class CpuBackend:
         pool.packed_by = f"{self.name}:{self.isa}"
 
     def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights) -> torch.Tensor:
-        from vllm._custom_ops import cpu_fused_moe
-
-        hidden = hidden.contiguous()
-        out = torch.empty_like(hidden)  # [T, H]
-        cpu_fused_moe(out, hidden, pool.gate_up_proj, pool.down_proj, None, None,
-                      topk_weights, topk_ids, "silu", self.isa, False)
-        return out
+        return torch.ops.unipool.cpu_pool_moe(hidden, pool.gate_up_proj, pool.down_proj, topk_ids, topk_weights,
+                                              self.isa)
 
 
 def _fused_route(*args, **kwargs):
@@ -94,6 +123,7 @@ class VllmTritonBackend:
     name = "vllm-triton"
     pad_to = 1
     route = staticmethod(_fused_route)
+    _expert_map: torch.Tensor | None = None
 
     def prepare(self, pool: ExpertPool) -> None:
         pool.packed_by = self.name
@@ -101,7 +131,13 @@ class VllmTritonBackend:
     def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights) -> torch.Tensor:
         from vllm.model_executor.layers.fused_moe import fused_experts
 
-        return fused_experts(hidden, pool.gate_up_proj, pool.down_proj, topk_weights, topk_ids)
+        num_experts = pool.num_experts
+        if self._expert_map is None or self._expert_map.device != hidden.device:
+            # E (a dropped slot) -> -1, vLLM's "expert not on this rank": never computed
+            self._expert_map = torch.cat([torch.arange(num_experts, dtype=torch.int32),
+                                          torch.tensor([-1], dtype=torch.int32)]).to(hidden.device)
+        return fused_experts(hidden, pool.gate_up_proj, pool.down_proj, topk_weights, topk_ids,
+                             global_num_experts=num_experts + 1, expert_map=self._expert_map)
 
 
 class TritonBackend(VllmTritonBackend):

@@ -17,10 +17,17 @@ class RoutingCounts(nn.Module):
     def __init__(self, num_layers: int, num_experts: int, enabled: bool = True):
         super().__init__()
         self.enabled = enabled
-        self.register_buffer("counts", torch.zeros(num_layers, num_experts, dtype=torch.int64), persistent=False)
+        # One column more than experts: dropped slots (id E, an expert budget) land there, so
+        # recording needs no data-dependent filtering.
+        self.register_buffer("slots", torch.zeros(num_layers, num_experts + 1, dtype=torch.int64), persistent=False)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """[L, E] token-slots routed to each expert (dropped slots not counted)."""
+        return self.slots[:, :-1]
 
     def record(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Add one layer's choices of this step ([T, k] expert ids) to the counts."""
+        """Add one layer's choices of this step ([T, k] expert ids, E = dropped) to the counts."""
         if self.enabled:
             flat = topk_ids.reshape(-1).long()  # [T*k]
-            self.counts[layer].index_add_(0, flat, torch.ones_like(flat))
+            self.slots[layer].index_add_(0, flat, torch.ones_like(flat))

@@ -170,7 +170,8 @@ class UniPoolModel(nn.Module):
         max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens,
                          vllm_config.compilation_config.max_cudagraph_capture_size or 0)
         self.steering = SteeringTable(max_tokens, config.num_hidden_layers, config.num_experts,
-                                      setting("UNIPOOL_MAX_STEERING_PROFILES"), setting("UNIPOOL_STEERING"))
+                                      setting("UNIPOOL_MAX_STEERING_PROFILES"), config.num_experts_per_tok,
+                                      setting("UNIPOOL_STEERING"))
         self.routing_counts = RoutingCounts(config.num_hidden_layers, config.num_experts,
                                             setting("UNIPOOL_ROUTING_STATS"))
         # This pipeline stage's layers; pools and routers no local layer uses are placeholders.

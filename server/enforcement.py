@@ -7,7 +7,9 @@ generate, ...), and every one of them ends in the engine-core client's
 fan-out. `SteeringEnforcer.install` wraps that one method; for each engine request it
   1. decides the effective profile: the API key's bound profile (mandatory), else the one
      the request asked for (the body's `steering` field, which the gateway captured into
-     the request context, or `vllm_xargs.steering`), else none;
+     the request context, or `vllm_xargs.steering`), else none; and the expert budget: the
+     smallest of the request's `expert_budget.top_k` and the profile's `top_k_budget` (a
+     request can lower its profile's budget, never raise it);
   2. removes every reserved `unipool_*` key a client could have placed in `extra_args` and
      writes its own, signed (model_executor/steering/contract.py);
   3. sets `cache_salt` from the profile's content, so KV blocks are shared only between
@@ -41,6 +43,7 @@ class RequestContext:
 
     bound: str | None = None  # the API key's mandatory profile
     asked: str | None = None  # the body's top-level `steering` field
+    budget: int | None = None  # the body's `expert_budget.top_k`
     is_admin: bool = False
 
 
@@ -74,6 +77,21 @@ def resolve_profile(ctx: RequestContext, in_xargs: str | None) -> str | None:
     return name
 
 
+def resolve_budget(asked: int | None, profile_budget: int | None, config) -> int | None:
+    """The effective expert budget (None: the model's full top-k), or raises SteeringRefused."""
+    given = [b for b in (asked, profile_budget) if b is not None]
+    if not given:
+        return None
+    budget, top_k = min(given), config.num_experts_per_tok
+    if budget > top_k:
+        raise SteeringRefused(400, f"expert_budget.top_k={budget} exceeds the model's top_k={top_k}",
+                              "invalid_expert_budget")
+    if budget == 0 and not getattr(config, "shared_expert_intermediate_size", 0):
+        raise SteeringRefused(400, "expert_budget.top_k=0 leaves nothing to compute: this model has no shared "
+                              "expert", "invalid_expert_budget")
+    return None if budget == top_k else budget
+
+
 class SteeringEnforcer:
     """Wraps the engine-core client's `add_request_async` (see the module doc)."""
 
@@ -105,21 +123,26 @@ class SteeringEnforcer:
             raise SteeringRefused(403, "request submitted outside any API request: refused", "no_request_context")
         params = request.sampling_params
         if params is None:  # a pooling request
-            if ctx.bound is not None or ctx.asked is not None:
+            if ctx.bound is not None or ctx.asked is not None or ctx.budget is not None:
                 raise SteeringRefused(403, "steering profiles apply to generation only; this route cannot run "
                                       "under a profile", "steering_unsupported_route")
             return
         extra = dict(params.extra_args or {})
         name = resolve_profile(ctx, extra.pop(contract.REQUEST_FIELD, None))
         extra = {key: value for key, value in extra.items() if not contract.is_reserved(key)}
+        active = None
         if name is not None:
             try:
                 active = self.store.get(name)
             except UnknownProfile as exc:
                 raise SteeringRefused(400, str(exc), exc.code) from None
-            row_digest = contract.digest(active.content_hash)
-            extra.update(contract.steering_args(self.secret, name, active.slot, row_digest))
-            request.cache_salt = contract.cache_salt(self.secret, active.content_hash, request.cache_salt)
+        budget = resolve_budget(ctx.budget, active.profile.top_k_budget if active else None, self.store.config)
+        if active is not None or budget is not None:
+            slot, content = (active.slot, active.content_hash) if active else (0, "")
+            row_digest = contract.digest(content)
+            extra.update(contract.steering_args(self.secret, name, slot, row_digest, budget))
+            request.cache_salt = contract.cache_salt(self.secret, content, request.cache_salt, budget)
+        if active is not None:
             self.store.pin(active, request.request_id)
         # A fresh SamplingParams per engine request: vLLM may share one object between the
         # children of an n > 1 request or the beams of a beam search.

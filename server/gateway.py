@@ -69,17 +69,18 @@ class SteeringGateway:
             caller = self.policy.identify(dict(scope.get("headers") or []))
             self.policy.check(access, caller)
             scope.setdefault("state", {})["unipool_admin"] = caller.is_admin
-            asked, replay = None, receive
+            asked, budget, replay = None, None, receive
             if scope["type"] == "http" and scope["method"] in BODY_METHODS \
                     and (scope["method"], template) not in RAW_BODY_ROUTES:
                 body = await read_body(receive)
-                body, asked = self.take_steering(body, scope, caller)
+                body, asked, budget = self.take_steering(body, scope, caller)
                 replay = replaying(body, receive)
         except APIError as err:
             if err.param == contract.REQUEST_FIELD and self.on_steering_error is not None:
                 self.on_steering_error(str(err.code))
             return await refuse(scope, send, err)
-        token = CURRENT_REQUEST.set(RequestContext(bound=caller.bound, asked=asked, is_admin=caller.is_admin))
+        token = CURRENT_REQUEST.set(RequestContext(bound=caller.bound, asked=asked, budget=budget,
+                                                   is_admin=caller.is_admin))
         try:
             await self.app(scope, replay, send)
         finally:
@@ -96,14 +97,16 @@ class SteeringGateway:
                 partial = route.path
         return partial
 
-    def take_steering(self, body: bytes, scope, caller: Caller) -> tuple[bytes, str | None]:
-        """(body without steering fields, the profile name asked for); APIError for bad input."""
+    def take_steering(self, body: bytes, scope, caller: Caller) -> tuple[bytes, str | None, int | None]:
+        """(body without steering fields, the profile name asked for, the expert budget asked for);
+        APIError for bad input."""
         if not looks_like_json(body, scope):
-            return body, None
+            return body, None, None
         request = parse_json(body)
         if not isinstance(request, dict):
-            return body, None
-        changed = contract.REQUEST_FIELD in request
+            return body, None, None
+        changed = contract.REQUEST_FIELD in request or contract.BUDGET_FIELD in request
+        budget = expert_budget(request.pop(contract.BUDGET_FIELD, None))
         top = request.pop(contract.REQUEST_FIELD, None)
         xargs = request.get("vllm_xargs")
         in_xargs = None
@@ -127,12 +130,23 @@ class SteeringGateway:
         except SteeringRefused as refused:
             raise APIError(refused.status, str(refused), param=contract.REQUEST_FIELD, code=refused.reason) from None
         if not changed:
-            return body, None
+            return body, None, None
         rewritten = json.dumps(request).encode()
         # the body changed size: keep the header truthful for whatever reads it
         scope["headers"] = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
         scope["headers"].append((b"content-length", str(len(rewritten)).encode()))
-        return rewritten, asked
+        return rewritten, asked, budget
+
+
+def expert_budget(field) -> int | None:
+    """`{"top_k": k'}` -> k' (None when absent); APIError naming the field otherwise."""
+    if field is None:
+        return None
+    top_k = field.get("top_k") if isinstance(field, dict) and set(field) == {"top_k"} else None
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise APIError(400, f"'{contract.BUDGET_FIELD}' must be {{\"top_k\": <integer >= 0>}}, got {field!r:.80}",
+                       param=contract.BUDGET_FIELD, code="invalid_expert_budget")
+    return top_k
 
 
 def looks_like_json(body: bytes, scope) -> bool:

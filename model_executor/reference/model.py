@@ -159,7 +159,8 @@ class UniPoolModel(UniPoolPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, steering_bias=None, steering_mask=None, **kwargs):
+                inputs_embeds=None, use_cache=None, steering_bias=None, steering_mask=None, expert_budget=None,
+                **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -174,7 +175,7 @@ class UniPoolModel(UniPoolPreTrainedModel):
             past_key_values=past_key_values, position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
-        steering = steering_view(steering_bias, steering_mask, inputs_embeds.shape[:2], self.config)
+        steering = steering_view(steering_bias, steering_mask, inputs_embeds.shape[:2], self.config, expert_budget)
         hidden, all_logits = inputs_embeds, []
         for layer in self.layers:
             hidden, router_logits = layer(hidden, position_embeddings, causal_mask, past_key_values, steering, **kwargs)
@@ -182,15 +183,18 @@ class UniPoolModel(UniPoolPreTrainedModel):
         return self.norm(hidden), past_key_values, tuple(all_logits)
 
 
-def steering_view(bias, mask, batch_seq: tuple[int, int], config: UniPoolConfig) -> SteeringView | None:
+def steering_view(bias, mask, batch_seq: tuple[int, int], config: UniPoolConfig,
+                  budget=None) -> SteeringView | None:
     """Per-sequence [B, L, E] or per-token [B, S, L, E] steering as the engine's table form:
     token t reads row t + 1 of a [T + 1, L, E] table (row 0 stays zero), so the reference
-    routes through exactly the function the engine uses."""
-    if bias is None and mask is None:
+    routes through exactly the function the engine uses. `budget`: experts per token, an int,
+    [B] (per sequence) or [B, S] (per token), or None (the full top-k)."""
+    if bias is None and mask is None and budget is None:
         return None
     batch, seq = batch_seq
     layers, experts = config.num_hidden_layers, config.num_experts
-    device = (bias if bias is not None else mask).device
+    given = [t for t in (bias, mask, budget) if isinstance(t, torch.Tensor)]
+    device = given[0].device if given else torch.device("cpu")
 
     def rows(t, name, dtype):
         table = torch.zeros(batch * seq + 1, layers, experts, dtype=dtype, device=device)
@@ -205,14 +209,21 @@ def steering_view(bias, mask, batch_seq: tuple[int, int], config: UniPoolConfig)
         return table
 
     index = torch.arange(1, batch * seq + 1, dtype=torch.int32, device=device)
-    return SteeringView(index, rows(bias, "steering_bias", torch.float32), rows(mask, "steering_mask", torch.int8))
+    top_k = None
+    if budget is not None:
+        per_token = torch.as_tensor(budget, dtype=torch.int32, device=device)
+        per_token = per_token.view(-1, 1) if per_token.dim() == 1 else per_token  # [B, 1|S] or a scalar
+        top_k = per_token.expand(batch, seq).reshape(-1).contiguous()
+    return SteeringView(index, rows(bias, "steering_bias", torch.float32), rows(mask, "steering_mask", torch.int8),
+                        top_k)
 
 
 class UniPoolForCausalLM(UniPoolPreTrainedModel, GenerationMixin):
     """Causal LM over shared expert pools; `steering_bias`/`steering_mask` steer its routers.
 
     steering_bias: [B, L, E] or [B, S, L, E] fp32, alpha already applied (MASCing,
-    per-token sigma); steering_mask: same shapes, int8 +1 include / -1 exclude.
+    per-token sigma); steering_mask: same shapes, int8 +1 include / -1 exclude;
+    expert_budget: experts per token (an int, [B] or [B, S]; kernels/routing_reference.py).
     See kernels/routing_reference.py for exactly where each enters the routing.
     """
 
@@ -231,11 +242,11 @@ class UniPoolForCausalLM(UniPoolPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                steering_bias=None, steering_mask=None, output_router_logits=False, **kwargs):
+                steering_bias=None, steering_mask=None, expert_budget=None, output_router_logits=False, **kwargs):
         hidden, past_key_values, router_logits = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            steering_bias=steering_bias, steering_mask=steering_mask, **kwargs,
+            steering_bias=steering_bias, steering_mask=steering_mask, expert_budget=expert_budget, **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])

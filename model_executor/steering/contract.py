@@ -1,11 +1,12 @@
 """The one contract between the API process and the engine's workers for per-request steering.
 
-A client names a profile with the request field `steering` (top level, or in `vllm_xargs`).
-The API process's enforcement point (server/enforcement.py) is the only writer of the
-reserved `unipool_*` keys of a request's `SamplingParams.extra_args`: it strips whatever a
-client sent and writes the profile's name, its engine table row (slot), its digest and an
-HMAC signature keyed by a secret that the API process pushes to every worker once, at
-start. A worker (steering/worker.py) steers a request only when the signature checks out
+A client names a profile with the request field `steering` (top level, or in `vllm_xargs`)
+and an expert budget with `expert_budget: {"top_k": k'}`. The API process's enforcement
+point (server/enforcement.py) is the only writer of the reserved `unipool_*` keys of a
+request's `SamplingParams.extra_args`: it strips whatever a client sent and writes the
+profile's name, its engine table row (slot; 0 for a budget without a profile), its digest,
+the budget, and an HMAC signature keyed by a secret that the API process pushes to every
+worker once, at start. A worker (steering/worker.py) steers a request only when the signature checks out
 and its row still holds that digest; anything else is served unsteered and logged (the
 worker cannot refuse a request: an exception there would stop the engine for everyone).
 
@@ -21,12 +22,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
+from typing import NamedTuple
 
 REQUEST_FIELD = "steering"
+BUDGET_FIELD = "expert_budget"  # {"top_k": k'}
 RESERVED_PREFIX = "unipool_"
 ARG_NAME = "unipool_steering"
 ARG_SLOT = "unipool_steering_slot"
 ARG_DIGEST = "unipool_steering_digest"
+ARG_TOP_K = "unipool_expert_budget_top_k"
 ARG_SIGNATURE = "unipool_steering_sig"
 
 RPC_SET_SECRET = "unipool_set_secret"
@@ -52,27 +56,39 @@ def _mac(secret: bytes, *parts: object) -> str:
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
-def steering_args(secret: bytes, name: str, slot: int, row_digest: str) -> dict:
-    """The reserved extra_args that steer a request with one table row (signed: clients never
-    see these fields, and cannot produce them)."""
-    return {ARG_NAME: name, ARG_SLOT: slot, ARG_DIGEST: row_digest,
-            ARG_SIGNATURE: _mac(secret, "row", slot, row_digest)}
+class Steering(NamedTuple):
+    """What one request runs under: a table row (0: none) holding `digest`, and a budget (None: all k)."""
+
+    row: int
+    digest: str
+    top_k: int | None
 
 
-def verified_row(extra_args: Mapping | None, secret: bytes | None) -> tuple[int, str] | None:
-    """(slot, digest) when `extra_args` carry a signed steering row, None when they carry none.
+NO_ROW = Steering(0, "", None)
+
+
+def steering_args(secret: bytes, name: str | None, slot: int, row_digest: str, top_k: int | None = None) -> dict:
+    """The reserved extra_args that steer a request with one table row and/or an expert budget
+    (signed: clients never see these fields, and cannot produce them)."""
+    return {ARG_NAME: name, ARG_SLOT: slot, ARG_DIGEST: row_digest, ARG_TOP_K: top_k,
+            ARG_SIGNATURE: _mac(secret, "row", slot, row_digest, top_k)}
+
+
+def verified_row(extra_args: Mapping | None, secret: bytes | None) -> Steering | None:
+    """The signed Steering in `extra_args`, or None when they carry none.
 
     Raises ValueError when steering fields are present but not signed by `secret`.
     """
     if not extra_args or ARG_SLOT not in extra_args:
         return None
-    slot, row_digest, signature = extra_args.get(ARG_SLOT), extra_args.get(ARG_DIGEST), extra_args.get(ARG_SIGNATURE)
+    slot, row_digest, top_k = extra_args.get(ARG_SLOT), extra_args.get(ARG_DIGEST), extra_args.get(ARG_TOP_K)
+    signature = extra_args.get(ARG_SIGNATURE)
     if secret is None:
         raise ValueError("steering fields present but this engine never received the API process's secret")
-    expected = _mac(secret, "row", slot, row_digest)
+    expected = _mac(secret, "row", slot, row_digest, top_k)
     if not isinstance(signature, str) or not hmac.compare_digest(signature, expected):
         raise ValueError("steering fields not signed by the API process")
-    return int(slot), str(row_digest)
+    return Steering(int(slot), str(row_digest), None if top_k is None else int(top_k))
 
 
 def profile_auth(secret: bytes, slot: int, row_digest: str | None) -> str:
@@ -91,10 +107,10 @@ def set_profile_args(secret: bytes, slot: int, profile) -> tuple:
             profile_auth(secret, slot, row_digest))
 
 
-def cache_salt(secret: bytes, content_hash: str, user_salt: str | None) -> str:
-    """The prefix-cache salt of a steered request: unique to (user salt, profile content).
+def cache_salt(secret: bytes, content_hash: str, user_salt: str | None, top_k: int | None = None) -> str:
+    """The prefix-cache salt of a steered request: unique to (user salt, profile content, budget).
 
     Keyed by the secret, so no client can compute another profile's salt and share its KV
     blocks; within vLLM's limits (<= 128 characters, no '@', '/' or '\\').
     """
-    return SALT_PREFIX + _mac(secret, "salt", user_salt or "", content_hash)[:48]
+    return SALT_PREFIX + _mac(secret, "salt", user_salt or "", content_hash, top_k)[:48]

@@ -3,7 +3,7 @@
     llm = LLM(model=folder, worker_cls="unipool_serve.model_executor.steering.worker.SteeringWorker")
     steering = OfflineSteering(llm)
     steering.add(profile)                          # a SteeringProfile for this model
-    params = SamplingParams(..., extra_args=steering.extra_args("safe"))
+    params = SamplingParams(..., extra_args=steering.extra_args("safe"))       # top_k=1: an expert budget
     llm.generate([{"prompt_token_ids": ids, "cache_salt": steering.cache_salt("safe")}], params)
 
 Offline there is no API key and no client to distrust: whoever holds the `LLM` holds the
@@ -32,15 +32,18 @@ class OfflineSteering:
         self.rows[profile.name] = (slot, profile)
         return slot
 
-    def extra_args(self, name: str | None) -> dict | None:
-        """SamplingParams.extra_args that steer a request with profile `name` (None: unsteered)."""
-        if name is None:
+    def extra_args(self, name: str | None, top_k: int | None = None) -> dict | None:
+        """SamplingParams.extra_args for profile `name` and/or an expert budget (None, None: unsteered)."""
+        if name is None and top_k is None:
             return None
-        slot, profile = self.rows[name]
-        return contract.steering_args(self.secret, name, slot, contract.digest(profile.content_hash()))
-
-    def cache_salt(self, name: str | None, user_salt: str | None = None) -> str | None:
-        """The prefix-cache salt that keeps this profile's KV blocks apart (None: unsteered)."""
         if name is None:
+            return contract.steering_args(self.secret, None, 0, "", top_k)
+        slot, profile = self.rows[name]
+        return contract.steering_args(self.secret, name, slot, contract.digest(profile.content_hash()), top_k)
+
+    def cache_salt(self, name: str | None, user_salt: str | None = None, top_k: int | None = None) -> str | None:
+        """The prefix-cache salt that keeps this profile's (and budget's) KV blocks apart."""
+        if name is None and top_k is None:
             return user_salt
-        return contract.cache_salt(self.secret, self.rows[name][1].content_hash(), user_salt)
+        content = "" if name is None else self.rows[name][1].content_hash()
+        return contract.cache_salt(self.secret, content, user_salt, top_k)

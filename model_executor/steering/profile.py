@@ -54,6 +54,7 @@ class SteeringProfile:
     include: dict[int, list[int]] = field(default_factory=dict)
     exclude: dict[int, list[int]] = field(default_factory=dict)
     description: str = ""
+    top_k_budget: int | None = None  # experts per token a request under this profile may use at most
 
     def __post_init__(self) -> None:
         self.include = _expert_sets(self.include, "include")
@@ -63,20 +64,20 @@ class SteeringProfile:
     # ---- construction ------------------------------------------------------
     @classmethod
     def for_config(cls, config: UniPoolConfig, *, name: str, bias=None, alpha: float = 1.0,
-                   include=None, exclude=None, description: str = "") -> SteeringProfile:
+                   include=None, exclude=None, description: str = "", top_k_budget: int | None = None) -> SteeringProfile:
         shape = (config.num_hidden_layers, config.num_experts)
         bias = torch.zeros(shape) if bias is None else torch.as_tensor(bias, dtype=torch.float32)
         return cls(
             name=name, bias=bias, alpha=alpha, include=include or {}, exclude=exclude or {},
             description=description, num_layers=shape[0], num_experts=shape[1],
-            top_k=config.num_experts_per_tok, config_fingerprint=config.fingerprint(),
+            top_k=config.num_experts_per_tok, config_fingerprint=config.fingerprint(), top_k_budget=top_k_budget,
         )
 
     @classmethod
     def from_description(cls, desc: dict, config: UniPoolConfig) -> SteeringProfile:
         """Build from a JSON-style dict: name, description, alpha, include, exclude and a bias given
         either dense ([[...] * E] * L) or sparse ({"layer": {"expert": value}})."""
-        unknown = set(desc) - {"name", "description", "alpha", "bias", "include", "exclude"}
+        unknown = set(desc) - {"name", "description", "alpha", "bias", "include", "exclude", "top_k_budget"}
         if unknown:
             raise SteeringProfileError(f"unknown keys in profile description: {sorted(unknown)}")
         bias = desc.get("bias")
@@ -90,6 +91,7 @@ class SteeringProfile:
         return cls.for_config(
             config, name=desc.get("name", ""), bias=bias, alpha=desc.get("alpha", 1.0),
             include=desc.get("include"), exclude=desc.get("exclude"), description=desc.get("description", ""),
+            top_k_budget=desc.get("top_k_budget"),
         )
 
     # ---- validation --------------------------------------------------------
@@ -119,6 +121,11 @@ class SteeringProfile:
             both = sorted(set(self.include[layer]) & set(self.exclude[layer]))
             if both:
                 raise SteeringProfileError(f"profile {self.name!r}: layer {layer} both includes and excludes {both}")
+        budget = self.top_k_budget
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
+                                   or not 0 <= budget <= self.top_k):
+            raise SteeringProfileError(f"profile {self.name!r}: top_k_budget must be an integer in 0..{self.top_k} "
+                                       f"(the model's top_k), got {budget!r}")
         for layer, ids in self.include.items():
             if len(ids) > self.top_k:
                 raise SteeringProfileError(
@@ -160,6 +167,8 @@ class SteeringProfile:
         digest = hashlib.sha256(self.bias_rows().numpy().tobytes())
         digest.update(self.mask_rows().numpy().tobytes())
         digest.update(self.config_fingerprint.encode())
+        if self.top_k_budget is not None:  # (absent from older profiles: their hashes stay)
+            digest.update(f"top_k_budget={self.top_k_budget}".encode())
         return digest.hexdigest()
 
     def summary(self) -> dict:
@@ -169,6 +178,7 @@ class SteeringProfile:
             "name": self.name, "description": self.description, "alpha": self.alpha,
             "num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
             "config_fingerprint": self.config_fingerprint, "content_hash": contract.digest(self.content_hash()),
+            "top_k_budget": self.top_k_budget,
             "layers": [
                 {"layer": l, "nonzero_bias": int((rows[l] != 0).sum()), "max_abs_bias": float(rows[l].abs().max()),
                  "include": self.include.get(l, []), "exclude": self.exclude.get(l, [])}
@@ -185,6 +195,8 @@ class SteeringProfile:
             "num_layers": str(self.num_layers), "num_experts": str(self.num_experts), "top_k": str(self.top_k),
             "config_fingerprint": self.config_fingerprint,
         }
+        if self.top_k_budget is not None:
+            metadata["top_k_budget"] = str(self.top_k_budget)
         return save_tensors({"bias": self.bias}, metadata=metadata)
 
     def save(self, path: str | Path) -> Path:
@@ -212,6 +224,7 @@ class SteeringProfile:
                 exclude=json.loads(metadata.get("exclude", "{}")), num_layers=int(metadata["num_layers"]),
                 num_experts=int(metadata["num_experts"]), top_k=int(metadata["top_k"]),
                 config_fingerprint=metadata["config_fingerprint"],
+                top_k_budget=int(metadata["top_k_budget"]) if "top_k_budget" in metadata else None,
             )
         except SteeringProfileError:
             raise

@@ -5,13 +5,16 @@ compiled graphs (and CUDA graphs) keep their addresses, and a step whose index s
 all zero routes exactly as an unsteered model.
 
   index  [max_tokens]     int32  row of each token of the current step (0 = none)
+  top_k  [max_tokens]     int32  experts each token of the step may use (its expert budget;
+                                 the model's k when it has none)
   bias   [P_max+1, L, E]  fp32   MASCing bias rows, alpha folded in (row 0 = zeros)
   mask   [P_max+1, L, E]  int8   SteerMoE rows, +1 include / -1 exclude (row 0 = zeros)
 
 The table also records which profile content each row holds (`digests`, see
 contract.digest), so a request admitted with a row that has since been rewritten is never
 steered with another profile's content. Whoever fills the index must write (at least) the
-first num_tokens entries every step: the buffer persists between steps and warm-up runs.
+first num_tokens entries of both per-token buffers every step: they persist between steps
+and warm-up runs.
 Nothing here is specific to one model family: any MoE model's routers can read a table.
 """
 
@@ -36,12 +39,14 @@ def expand_rows(rows: np.ndarray, query_start_loc: np.ndarray) -> np.ndarray:
 class SteeringTable(nn.Module):
     """Persistent steering buffers read by every router of one model (see the module doc)."""
 
-    def __init__(self, max_tokens: int, num_layers: int, num_experts: int, max_profiles: int,
+    def __init__(self, max_tokens: int, num_layers: int, num_experts: int, max_profiles: int, top_k: int,
                  enabled: bool = True):
         super().__init__()
         self.enabled = enabled  # False: routers never read the tables (fixed when the model is built)
         self.max_profiles = max_profiles
+        self.full_top_k = top_k  # the model's k: a token without a budget uses it
         self.register_buffer("index", torch.zeros(max_tokens, dtype=torch.int32), persistent=False)
+        self.register_buffer("top_k", torch.full((max_tokens,), top_k, dtype=torch.int32), persistent=False)
         shape = (max_profiles + 1, num_layers, num_experts)
         self.register_buffer("bias", torch.zeros(shape, dtype=torch.float32), persistent=False)
         self.register_buffer("mask", torch.zeros(shape, dtype=torch.int8), persistent=False)
@@ -51,7 +56,7 @@ class SteeringTable(nn.Module):
         """What the routers of this step read (None when steering is built off)."""
         if not self.enabled:
             return None
-        return SteeringView(self.index[:num_tokens], self.bias, self.mask)
+        return SteeringView(self.index[:num_tokens], self.bias, self.mask, self.top_k[:num_tokens])
 
     # ---- rows (written by the worker's RPCs) ----------------------------------
     def _check_slot(self, slot: int) -> None:
@@ -71,11 +76,15 @@ class SteeringTable(nn.Module):
         self.digests.pop(slot, None)
 
     def holds(self, slot: int, row_digest: str) -> bool:
-        return self.digests.get(slot) == row_digest
+        """Does `slot` hold the profile with `row_digest`? (Row 0, no profile, holds "".)"""
+        return (slot == 0 and row_digest == "") or self.digests.get(slot) == row_digest
 
     # ---- the step's index ---------------------------------------------------
-    def fill_index(self, num_tokens: int, per_token: np.ndarray | None) -> None:
-        """Zero the step's first num_tokens entries (padding, stale rows), then write per_token."""
+    def fill_index(self, num_tokens: int, rows: np.ndarray | None, budgets: np.ndarray | None = None) -> None:
+        """Reset the step's first num_tokens entries (no row, full k: padding and stale values),
+        then write each token's row and budget (None: none this step)."""
         self.index[:num_tokens].zero_()
-        if per_token is not None and per_token.size:
-            self.index[: per_token.shape[0]].copy_(torch.from_numpy(per_token))
+        self.top_k[:num_tokens].fill_(self.full_top_k)
+        for buffer, per_token in ((self.index, rows), (self.top_k, budgets)):
+            if per_token is not None and per_token.size:
+                buffer[: per_token.shape[0]].copy_(torch.from_numpy(per_token))

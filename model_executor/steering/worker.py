@@ -46,12 +46,13 @@ logger = logging.getLogger("unipool_serve.worker")
 
 
 class RequestRows:
-    """Each request's verified steering row, by whatever key a model runner tracks requests with."""
+    """Each request's verified steering (row and budget), by whatever key a model runner tracks
+    requests with."""
 
     def __init__(self, table: SteeringTable):
         self.table = table
         self.secret: bytes | None = None
-        self._rows: dict[Hashable, tuple[int, str] | None] = {}
+        self._rows: dict[Hashable, contract.Steering | None] = {}
         self._warned: set[Hashable] = set()
 
     def _warn(self, key: Hashable, message: str, *args) -> None:
@@ -86,16 +87,24 @@ class RequestRows:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def row(self, key: Hashable) -> int:
-        """The table row to use this step (0 when unsteered, or when the row was rewritten since)."""
+    def steering(self, key: Hashable) -> contract.Steering:
+        """What this request runs under this step (unsteered when its row was rewritten since)."""
         verified = self._rows.get(key)
         if verified is None:
-            return 0
-        row, row_digest = verified
-        if not self.table.holds(row, row_digest):
-            self._warn(key, "steering row %s no longer holds profile digest %s", row, row_digest)
-            return 0
-        return row
+            return contract.NO_ROW
+        if not self.table.holds(verified.row, verified.digest):
+            self._warn(key, "steering row %s no longer holds profile digest %s", verified.row, verified.digest)
+            return contract.NO_ROW
+        return verified
+
+    def per_token(self, keys, query_start_loc) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(rows, budgets) of each token of the step, or None for what no request of it uses."""
+        steering = [self.steering(k) for k in keys]
+        rows = np.fromiter((s.row for s in steering), dtype=np.int32, count=len(steering))
+        budgets = np.fromiter((self.table.full_top_k if s.top_k is None else s.top_k for s in steering),
+                              dtype=np.int32, count=len(steering))
+        return (expand_rows(rows, query_start_loc) if rows.any() else None,
+                expand_rows(budgets, query_start_loc) if (budgets != self.table.full_top_k).any() else None)
 
 
 class V1StepHook:
@@ -120,9 +129,7 @@ class V1StepHook:
                 self.rows.admit(req_id, self.runner.requests[req_id].sampling_params)
         if len(self.rows) > 2 * len(req_ids) + 64:  # forget requests that have left the engine
             self.rows.prune(self.runner.requests)
-        rows = np.fromiter((self.rows.row(r) for r in req_ids), dtype=np.int32, count=len(req_ids))
-        per_token = expand_rows(rows, self.runner.query_start_loc.np) if rows.any() else None
-        self.rows.table.fill_index(num_tokens, per_token)
+        self.rows.table.fill_index(num_tokens, *self.rows.per_token(req_ids, self.runner.query_start_loc.np))
 
 
 class V2StepHook:
@@ -145,10 +152,9 @@ class V2StepHook:
             return remove(req_id)
 
         def prepare_inputs(input_batch, req_states):
-            indices = input_batch.idx_mapping_np[: input_batch.num_reqs]
-            rows = np.fromiter((self.rows.row(int(i)) for i in indices), dtype=np.int32, count=len(indices))
-            per_token = expand_rows(rows, input_batch.query_start_loc_np) if rows.any() else None
-            self.rows.table.fill_index(input_batch.num_tokens_after_padding, per_token)
+            indices = [int(i) for i in input_batch.idx_mapping_np[: input_batch.num_reqs]]
+            self.rows.table.fill_index(input_batch.num_tokens_after_padding,
+                                       *self.rows.per_token(indices, input_batch.query_start_loc_np))
             return prepare(input_batch, req_states)
 
         state.add_request, state.remove_request, state.prepare_inputs = add_request, remove_request, prepare_inputs

@@ -68,3 +68,11 @@ def test_cpu_backend_matches_reference_with_padding():
     weights = torch.rand(T, k, generator=gen)
     torch.testing.assert_close(backend(x, pool, ids, weights), pool_moe(x, w13, w2, ids, weights),
                                atol=1e-5, rtol=1e-5)
+    # A per-token expert budget drops slots (id E): the kept pairs alone are computed, tokens
+    # with nothing kept get zero, and the result equals the reference that skips them.
+    dropped = ids.clone()
+    dropped[::2, 1] = E  # every other token keeps one expert
+    dropped[3] = E  # one token keeps none (a routed budget of 0)
+    got = backend(x, pool, dropped, weights)
+    torch.testing.assert_close(got, pool_moe(x, w13, w2, dropped, weights), atol=1e-5, rtol=1e-5)
+    assert got[3].abs().max() == 0

@@ -66,19 +66,21 @@ def llm(model_dir, profiles, plain_tokens):  # plain_tokens first: never two eng
     stop_engine(engine)
 
 
-def _generate(llm, prompt_ids, names, profiles):
+def _generate(llm, prompt_ids, names, profiles, budgets=None):
     """Greedy tokens; steered requests get the server's cache salt (prefix caching is on)."""
     from vllm import SamplingParams
 
     names = names or [None] * len(prompt_ids)
+    budgets = budgets or [None] * len(prompt_ids)
     steering = getattr(llm, "unipool_steering", None)
     params, inputs = [], []
-    for p, name in zip(prompt_ids, names):
+    for p, name, budget in zip(prompt_ids, names, budgets):
+        steered = name is not None or budget is not None
         params.append(SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True,
-                                     extra_args=steering.extra_args(name) if name else None))
+                                     extra_args=steering.extra_args(name, budget) if steered else None))
         request = {"prompt_token_ids": p}
-        if name is not None:
-            request["cache_salt"] = steering.cache_salt(name)
+        if steered:
+            request["cache_salt"] = steering.cache_salt(name, top_k=budget)
         inputs.append(request)
     return [list(o.outputs[0].token_ids) for o in llm.generate(inputs, params, use_tqdm=False)]
 
@@ -88,11 +90,11 @@ def _routing_counts(llm):
 
 
 @torch.no_grad()
-def _assert_reference_agrees(ref, prompt, tokens, profile):
-    """Teacher-forced greedy check against the reference model steered with the same profile."""
-    kwargs = {}
+def _assert_reference_agrees(ref, prompt, tokens, profile, budget=None):
+    """Teacher-forced greedy check against the reference model steered with the same profile (and budget)."""
+    kwargs = {"expert_budget": budget}
     if profile is not None:
-        kwargs = dict(steering_bias=profile.bias_rows()[None], steering_mask=profile.mask_rows()[None])
+        kwargs |= dict(steering_bias=profile.bias_rows()[None], steering_mask=profile.mask_rows()[None])
     logits = ref(torch.tensor([prompt + tokens]), **kwargs).logits[0].double()
     lp = torch.log_softmax(logits, -1)[len(prompt) - 1: -1]  # rows predicting each generated token
     unclear = 0
@@ -182,3 +184,21 @@ def test_forged_steering_fields_are_ignored(llm, profiles):
         runs[kind] = (run(), _routing_counts(llm) - before)
     assert (runs["signed"][1][:, 7] == computed).all()  # the signed row steers: every token to expert 7
     assert runs["forged"][0] == runs["plain"][0] and torch.equal(runs["forged"][1], runs["plain"][1])
+
+
+def test_expert_budgets_in_a_mixed_batch(llm, profiles, model_dir, config):
+    # top-2 model: a budget of 1 keeps each token's best expert only (renormalised: this router
+    # renormalises), alone or with a profile, beside full-budget requests in the same batch.
+    ids = prompts(seed=17, lengths=(9, 14, 6, 11))
+    names, budgets = [None, None, "bias", "no-e0"], [None, 1, 1, None]
+    batch = _generate(llm, ids, names, profiles, budgets)
+    for p, name, budget, tokens in zip(ids, names, budgets, batch):
+        assert _generate(llm, [p], [name], profiles, [budget])[0] == tokens
+    ref = reference_model(model_dir)
+    for p, name, budget, tokens in zip(ids, names, budgets, batch):
+        _assert_reference_agrees(ref, p, tokens, profiles[name] if name else None, budget)
+    computed = len(ids[1]) + TOKENS - 1
+    before = _routing_counts(llm)
+    _generate(llm, [ids[1]], [None], profiles, [1])
+    delta = _routing_counts(llm) - before
+    assert (delta.sum(1) == computed).all()  # one expert per token and layer, not top-k = 2: dropped slots cost nothing

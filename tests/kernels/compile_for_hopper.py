@@ -92,11 +92,13 @@ def variants():
                dict(BLOCK_M=16, BLOCK_E=max(32, triton.next_power_of_2(experts + 1)), CHUNK=chunk,
                     ZERO_DROPPED_ROWS=zero, ZERO_ROWS=16, ZERO_COLS=128, **{name: 1 for name in ones}),
                dict(num_warps=8 if chunk >= 2048 else 4))
-    yield ("route norm E=192 k=1", _route_kernel,
-           dict(logits_ptr="*fp32", steer_ptr="*i32", bias_ptr="*fp32", mask_ptr="*i8", scale_ptr="*fp32",
-                ids_ptr="*i32", weights_ptr="*fp32", norm_scale="fp32", norm_c="fp32"),
-           dict(ROUTER=0, EXCLUDE_FILL=0.0, RENORMALIZE=False, SCALE_IN_MEMORY=True, STEERED=True, TOP_K=1,
-                BLOCK_K=1, BLOCK_T=8, BLOCK_E=256), {})
+    for budgeted, top_k, router in ((False, 1, 0), (True, 4, 1)):
+        yield (f"route router={router} E=192 k={top_k} budgeted={budgeted}", _route_kernel,
+               dict(logits_ptr="*fp32", steer_ptr="*i32", bias_ptr="*fp32", mask_ptr="*i8", budget_ptr="*i32",
+                    scale_ptr="*fp32", ids_ptr="*i32", weights_ptr="*fp32", norm_scale="fp32", norm_c="fp32"),
+               dict(ROUTER=router, EXCLUDE_FILL=0.0 if router == 0 else float("-inf"), RENORMALIZE=router == 1,
+                    SCALE_IN_MEMORY=True, STEERED=True, BUDGETED=budgeted, TOP_K=top_k,
+                    BLOCK_K=top_k, BLOCK_T=8, BLOCK_E=256), {})
     yield ("combine fp32->bf16 k=1 SPLIT_K=8 at T=1", _combine_kernel,
            dict(part_ptr="*fp32", ids_ptr="*i32", out_ptr="*bf16"),
            dict(TOP_K=1, SPLIT_K=8, BLOCK_T=1, BLOCK_N=256, num_tokens=1), {})

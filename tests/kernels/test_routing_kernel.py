@@ -32,14 +32,15 @@ def _poisoned_out(num_tokens: int, top_k: int):
 
 
 def _check(logits, steer, bias, mask, layer, top_k, router_type, *, renormalize=False, norm_scale=1.0,
-           norm_c=1.0):
+           norm_c=1.0, budget=None):
     spec = RoutingSpec.of(router_type, top_k, renormalize=renormalize, norm_c=norm_c)
     out = _poisoned_out(logits.shape[0], top_k)
-    steering = None if steer is None else SteeringView(steer, bias, mask)
+    steering = None if steer is None else SteeringView(steer, bias, mask, budget)
     ids, weights = fused_route(logits, steering, layer, spec, norm_scale, out=out)
     assert ids.data_ptr() == out[0].data_ptr() and weights.data_ptr() == out[1].data_ptr()
     ref_scale = norm_scale.cpu() if isinstance(norm_scale, torch.Tensor) else norm_scale
-    ref_steering = None if steer is None else SteeringView(steer.cpu(), bias.cpu(), mask.cpu())
+    ref_steering = None if steer is None else SteeringView(steer.cpu(), bias.cpu(), mask.cpu(),
+                                                           None if budget is None else budget.cpu())
     ref_ids, ref_w = route_with_table(logits.cpu(), ref_steering, layer, spec, ref_scale)
     torch.testing.assert_close(ids.cpu(), ref_ids, rtol=0, atol=0)
     torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -124,6 +125,18 @@ def test_unsteered_variant_equals_the_zero_row(router_type):
     plain, _ = _check(logits, None, None, None, 1, 2, router_type, norm_scale=1.3)
     zero_rows, _ = _check(logits, torch.zeros_like(steer), bias, mask, 1, 2, router_type, norm_scale=1.3)
     assert torch.equal(plain, zero_rows)
+
+
+@pytest.mark.parametrize("router_type,renormalize", [("norm", False), ("softmax", True), ("sigmoid", False)])
+def test_per_token_budgets_drop_the_last_slots(router_type, renormalize):
+    logits, steer, bias, mask = _inputs(40, 24, seed=9)
+    budget = torch.randint(0, 5, (40,), generator=torch.Generator().manual_seed(2), dtype=torch.int32).to(DEVICE)
+    ids, weights = _check(logits, steer, bias, mask, 1, 4, router_type, renormalize=renormalize, budget=budget)
+    full, _ = _check(logits, steer, bias, mask, 1, 4, router_type, renormalize=renormalize)
+    for t in range(40):
+        kept = int(budget[t])
+        assert torch.equal(ids[t, :kept], full[t, :kept])  # the budget keeps the best choices
+        assert (ids[t, kept:] == 24).all() and (weights[t, kept:] == 0).all()  # the rest are dropped
 
 
 def test_rejects_bad_inputs():

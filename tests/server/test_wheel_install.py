@@ -3,6 +3,7 @@ the image do, through the package: `unipool-serve` with no --model starts and se
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -23,11 +24,14 @@ def wheel_python(tmp_path_factory) -> Path:
     uv = ROOT / ".tools" / "bin" / "uv"
     subprocess.run([str(uv), "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
     site = next((venv / "lib").glob("python*/site-packages"))
+    source = venv.parent / "source"  # a copy: building in the repository would leave build/ there
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".tools", "build", "*.egg-info", "__pycache__", "tests", "docs", "benchmarks", "deploy"))
     # The environment's packages via a path entry: its .pth files (the editable install's finder)
     # are not processed from there, so `unipool_serve` resolves to the wheel only.
     (site / "project-environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([str(uv), "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "--no-deps",
-                    "--no-build-isolation", str(ROOT)], check=True, cwd=venv.parent)
+                    "--no-build-isolation", str(source)], check=True, cwd=venv.parent)
     return venv / "bin" / "python"
 
 

@@ -63,7 +63,7 @@ def test_a_bound_key_runs_under_its_profile_without_asking():
     sent = _submit(core, _request(), RequestContext(bound="a"))
     active = store.by_name["a"]
     row_digest = contract.digest(active.content_hash)
-    assert contract.verified_row(sent.sampling_params.extra_args, SECRET) == (active.slot, row_digest)
+    assert contract.verified_row(sent.sampling_params.extra_args, SECRET) == (active.slot, row_digest, None)
     assert sent.cache_salt == contract.cache_salt(SECRET, active.content_hash, None)
     assert "r1" in active.pinned_by and admitted == ["a"]
 

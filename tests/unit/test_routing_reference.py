@@ -107,3 +107,20 @@ def test_route_with_table_gathers_each_tokens_profile_row():
     assert not (ids[index == 2] == 4).any()
     plain, _ = route(z, 1, "softmax")
     assert torch.equal(ids[index == 0], plain[index == 0])
+
+
+def test_a_budget_keeps_the_first_choices_and_renormalises_only_where_the_router_does():
+    z = _logits(t=6, e=8)
+    budget = torch.tensor([0, 1, 2, 3, 1, 2])
+    spec = RoutingSpec.of("softmax", 3, renormalize=True)
+    ids, w = routing_reference.route(z, spec, budget=budget)
+    full, _ = routing_reference.route(z, spec)
+    for t, kept in enumerate(budget.tolist()):
+        assert torch.equal(ids[t, :kept], full[t, :kept]) and (ids[t, kept:] == 8).all()
+        assert (w[t, kept:] == 0).all()
+        if kept:
+            torch.testing.assert_close(w[t].sum(), torch.tensor(1.0))  # renormalised over the kept ones
+    norm = RoutingSpec.of("norm", 3, norm_c=2.0)
+    kept_raw, _ = routing_reference.route(z, norm, budget=torch.full((6,), 2))[1], None
+    raw = routing_reference.route(z, norm)[1]
+    torch.testing.assert_close(kept_raw[:, :2], raw[:, :2])  # NormRouter gates stay the raw scores

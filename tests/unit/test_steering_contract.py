@@ -14,7 +14,11 @@ SECRET = b"k" * 32
 
 def test_signed_rows_verify_and_forged_ones_do_not():
     args = contract.steering_args(SECRET, "safe", 3, "abcd")
-    assert contract.verified_row(args, SECRET) == (3, "abcd")
+    assert contract.verified_row(args, SECRET) == (3, "abcd", None)
+    budgeted = contract.steering_args(SECRET, None, 0, "", 1)
+    assert contract.verified_row(budgeted, SECRET) == (0, "", 1)
+    with pytest.raises(ValueError, match="not signed"):
+        contract.verified_row({**budgeted, contract.ARG_TOP_K: 2}, SECRET)  # a raised budget is a forgery
     assert contract.verified_row({"other": 1}, SECRET) is None
     for forged in ({**args, contract.ARG_SLOT: 4}, {**args, contract.ARG_DIGEST: "ffff"},
                    {**args, contract.ARG_SIGNATURE: "0" * 64}, {k: v for k, v in args.items() if "sig" not in k}):
@@ -49,7 +53,7 @@ def test_expand_rows_gives_each_token_its_requests_row():
 
 
 def test_table_rows_and_the_step_index():
-    table = SteeringTable(max_tokens=8, num_layers=2, num_experts=4, max_profiles=2)
+    table = SteeringTable(max_tokens=8, num_layers=2, num_experts=4, max_profiles=2, top_k=2)
     table.set_row(2, torch.ones(2, 4), torch.full((2, 4), -1), "d2")
     assert table.holds(2, "d2") and not table.holds(2, "other") and not table.holds(1, "d2")
     table.index.fill_(7)  # stale values from an earlier step or a warm-up run
@@ -61,4 +65,6 @@ def test_table_rows_and_the_step_index():
     assert not table.holds(2, "d2") and table.bias[2].abs().sum() == 0 and table.mask[2].abs().sum() == 0
     with pytest.raises(ValueError, match="outside 1..2"):
         table.set_row(0, torch.zeros(2, 4), torch.zeros(2, 4), "row 0 is never written")
-    assert SteeringTable(8, 2, 4, 2, enabled=False).view(5) is None
+    table.fill_index(4, np.array([1, 1], dtype=np.int32), np.array([1, 0], dtype=np.int32))
+    assert table.top_k[:4].tolist() == [1, 0, 2, 2]  # budgets written, the rest back to the full k
+    assert SteeringTable(8, 2, 4, 2, top_k=2, enabled=False).view(5) is None
