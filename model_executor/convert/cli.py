@@ -2,6 +2,7 @@
 
   unipool-convert megatron CKPT_DIR OUT_DIR --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt
   unipool-convert megatron CKPT_DIR OUT_DIR --tokenizer HF_TOKENIZER_FOLDER --iteration 60000 --dtype bfloat16
+  unipool-convert prune MODEL_DIR OUT_DIR --keep-fraction 0.5 --usage http://localhost:8000
 
 Each source is a subcommand: `_add_megatron` registers one parser and the function that runs
 it, so another (e.g. `prune`) is one more `_add_...` call in `SUBCOMMANDS`. Bad input ends
@@ -22,6 +23,7 @@ DESCRIPTION = """Turn training checkpoints into model folders that unipool-serve
 
   unipool-convert megatron CKPT_DIR OUT_DIR --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt
   unipool-convert megatron CKPT_DIR OUT_DIR --tokenizer HF_TOKENIZER_FOLDER --iteration 60000
+  unipool-convert prune MODEL_DIR OUT_DIR --keep 96 --usage calibration.jsonl
 """
 
 
@@ -78,7 +80,50 @@ def _add_megatron(sub) -> None:
     p.set_defaults(run=_run_megatron)
 
 
-SUBCOMMANDS = (_add_megatron,)
+def _run_prune(args: argparse.Namespace) -> None:
+    from ..config import UniPoolConfig
+    from ..usage import UsageError, read_usage
+    from .prune import check_keep, prune_model
+
+    if not (args.model_dir / "config.json").is_file():
+        raise ConversionError(f"MODEL_DIR {args.model_dir} has no config.json")
+    config = UniPoolConfig.from_pretrained(str(args.model_dir))
+    keep = args.keep if args.keep is not None else round(args.keep_fraction * config.num_experts)
+    check_keep(config, keep)  # before any usage is read
+    try:
+        usage = read_usage(args.usage, args.model_dir, config)
+    except UsageError as exc:
+        raise ConversionError(f"--usage {exc}") from None
+    report = prune_model(args.model_dir, args.out_dir, keep, usage)
+    for note in report.notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
+    print(f"{PROG}: {report.summary()}")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
+    return value
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser(
+        "prune", help="keep each pool's most used experts (a smaller model folder)",
+        description="Write a model folder whose pools keep their N most used experts, ranked by the routing "
+                    "counts of a running server or of a calibration run. See docs/expert-budgets.md.")
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a model folder in this project's format")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the model folder to create (must not exist, or be empty)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--keep", type=int, metavar="N", help="experts each pool keeps")
+    size.add_argument("--keep-fraction", type=_fraction, metavar="F", help="share of each pool's experts to keep")
+    p.add_argument("--usage", required=True, metavar="URL_OR_JSONL",
+                   help="the URL of a unipool-serve server serving this model (its routing counts), or a JSONL "
+                        "file of calibration prompts ({\"prompt\": ...} or {\"messages\": [...]} per line)")
+    p.set_defaults(run=_run_prune)
+
+
+SUBCOMMANDS = (_add_megatron, _add_prune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,11 @@
   unipool-steering create --model DIR --json profile.json --out NAME.safetensors
   unipool-steering create --model DIR --name NAME --bias bias.npy --alpha 1.5 --out NAME.safetensors
   unipool-steering show NAME.safetensors [--model DIR]
+  unipool-steering subpool --model DIR --usage URL_OR_JSONL --keep-fraction 0.5 --name top-half --out top-half.safetensors
+
+A sub-pool is a profile that excludes every expert but each pool's most used ones (ranked
+like `unipool-convert prune`, docs/expert-budgets.md): requests under it, or keys bound to
+it, touch fewer expert weights per step.
 """
 
 from __future__ import annotations
@@ -28,6 +33,19 @@ def _load_array(path: Path) -> torch.Tensor:
     raise SteeringProfileError(f"--bias {path}: expected a .npy or .pt file")
 
 
+def _subpool(args, config) -> SteeringProfile:
+    from ..convert.prune import kept_experts
+    from ..usage import read_usage
+
+    keep = args.keep if args.keep is not None else round(args.keep_fraction * config.num_experts)
+    kept = kept_experts(read_usage(args.usage, args.model, config), config, keep)
+    exclude = {l: [e for e in range(config.num_experts) if e not in kept[config.layer_to_pool(l)]]
+               for l in range(config.num_hidden_layers)}
+    description = args.description or f"the {keep} most used experts of each pool (usage: {args.usage})"
+    return SteeringProfile.for_config(config, name=args.name, exclude=exclude, description=description,
+                                      top_k_budget=args.top_k_budget)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unipool-steering", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,6 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--alpha", type=float, help="strength (overrides the JSON)")
     create.add_argument("--description", help="free text (overrides the JSON)")
     create.add_argument("--out", required=True, type=Path)
+    subpool = sub.add_parser("subpool", help="write a profile that routes only to each pool's most used experts")
+    subpool.add_argument("--model", required=True, type=Path, help="model folder (its config.json)")
+    subpool.add_argument("--usage", required=True, metavar="URL_OR_JSONL",
+                         help="a unipool-serve server serving this model, or a JSONL file of calibration prompts")
+    size = subpool.add_mutually_exclusive_group(required=True)
+    size.add_argument("--keep", type=int, metavar="N", help="experts each pool keeps")
+    size.add_argument("--keep-fraction", type=float, metavar="F", help="share of each pool's experts to keep")
+    subpool.add_argument("--name", required=True)
+    subpool.add_argument("--description", default="")
+    subpool.add_argument("--top-k-budget", type=int, help="also cap the experts per token")
+    subpool.add_argument("--out", required=True, type=Path)
     show = sub.add_parser("show", help="validate a profile file and print its summary")
     show.add_argument("path", type=Path)
     show.add_argument("--model", type=Path, help="also check it fits this model folder")
@@ -49,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         config = UniPoolConfig.from_pretrained(str(args.model)) if args.model else None
         if args.command == "show":
             profile = SteeringProfile.load(args.path, config)
+        elif args.command == "subpool":
+            profile = _subpool(args, config)
+            profile.save(args.out)
+            print(f"wrote {args.out}")
         else:
             desc = json.loads(args.json.read_text()) if args.json else {}
             for key in ("name", "alpha", "description"):
@@ -59,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             profile = SteeringProfile.from_description(desc, config)
             profile.save(args.out)
             print(f"wrote {args.out}")
-    except (SteeringProfileError, OSError, json.JSONDecodeError) as exc:
+    except (SteeringProfileError, OSError, json.JSONDecodeError, ValueError) as exc:
         print(f"unipool-steering: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(profile.summary(), indent=2))

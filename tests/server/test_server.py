@@ -222,3 +222,15 @@ def test_pool_metrics_count_computed_tokens(server):
     names = open("deploy/observability/metric_names.txt").read().split()
     missing = [n for n in names if n.startswith("unipool_") and not any(e == n or e.startswith(n) for e in exported)]
     assert not missing, missing
+
+
+def test_expert_budget_field(server):
+    client = server.client()
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0,
+                                    extra_body={"expert_budget": {"top_k": 1}})  # = the model's k: accepted
+    assert out.usage.completion_tokens >= 1
+    for budget, message in (({"top_k": 0}, "no shared expert"), ({"top_k": 5}, "exceeds the model's top_k=1"),
+                            ({"top_k": "1"}, "expert_budget"), ({"k": 1}, "expert_budget")):
+        resp = server.http().post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2,
+                                                           "expert_budget": budget})
+        assert resp.status_code == 400 and message in _error(resp)["message"], resp.text

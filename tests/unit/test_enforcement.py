@@ -115,3 +115,25 @@ def test_each_engine_request_gets_its_own_sampling_params():
     _submit(core, second, RequestContext())
     assert core.sent[0].sampling_params.extra_args[contract.ARG_NAME] == "a"
     assert core.sent[1].sampling_params.extra_args is None and shared.extra_args is None
+
+
+def test_expert_budgets_resolve_to_the_smallest_and_are_signed_and_salted():
+    store, core, _ = _setup()
+    cfg2 = tiny_config(num_experts_per_tok=2, shared_expert_intermediate_size=64)
+    store.config = cfg2
+    capped = SteeringProfile.for_config(cfg2, name="capped", top_k_budget=1)
+    asyncio.run(store.add(capped, persist=False))
+    sent = _submit(core, _request(), RequestContext(budget=1))  # a budget without a profile: row 0
+    assert contract.verified_row(sent.sampling_params.extra_args, SECRET) == (0, "", 1)
+    assert sent.cache_salt == contract.cache_salt(SECRET, "", None, 1)
+    sent = _submit(core, _request(), RequestContext(bound="capped", budget=2))  # cannot raise its profile's cap
+    assert contract.verified_row(sent.sampling_params.extra_args, SECRET).top_k == 1
+    sent = _submit(core, _request(), RequestContext(budget=0))  # shared expert only: allowed, it has one
+    assert contract.verified_row(sent.sampling_params.extra_args, SECRET).top_k == 0
+    sent = _submit(core, _request(), RequestContext(budget=2))  # the full k is no budget at all
+    assert sent.sampling_params.extra_args is None and sent.cache_salt is None
+    with pytest.raises(VLLMValidationError, match="exceeds the model's top_k=2"):
+        _submit(core, _request(), RequestContext(budget=3))
+    store.config = CFG  # top-1, no shared expert
+    with pytest.raises(VLLMValidationError, match="no shared expert"):
+        _submit(core, _request(), RequestContext(budget=0))

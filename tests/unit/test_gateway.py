@@ -63,6 +63,8 @@ def test_the_steering_field_moves_from_the_body_into_the_request_context():
     _, via_xargs = _call(AccessPolicy(), {"model": "m", "prompt": "x", "vllm_xargs": {"steering": "b", "n": 1}})
     assert json.loads(via_xargs["body"]) == {"model": "m", "prompt": "x", "vllm_xargs": {"n": 1}}
     assert via_xargs["context"].asked == "b"
+    _, budgeted = _call(AccessPolicy(), {"model": "m", "prompt": "x", "expert_budget": {"top_k": 1}})
+    assert json.loads(budgeted["body"]) == {"model": "m", "prompt": "x"} and budgeted["context"].budget == 1
     raw = json.dumps({"model": "m", "prompt": "x"}).encode()
     _, plain = _call(AccessPolicy(), raw)
     assert plain["body"] == raw and plain["context"].asked is None  # untouched, byte for byte
@@ -93,10 +95,14 @@ def test_keys_and_bindings():
     ({"prompt": "x", "steering": "a", "vllm_xargs": {"steering": "b"}}, "conflicting_steering"),
     ({"prompt": "x", "vllm_xargs": {"unipool_steering_slot": 1}}, "reserved_vllm_xargs"),
     ({"prompt": "x", "vllm_xargs": {"unipool_anything": "x"}}, "reserved_vllm_xargs"),
+    ({"prompt": "x", "expert_budget": {"top_k": -1}}, "invalid_expert_budget"),
+    ({"prompt": "x", "expert_budget": {"top_k": True}}, "invalid_expert_budget"),
+    ({"prompt": "x", "expert_budget": 1}, "invalid_expert_budget"),
     (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_body"),
     (b"\xff\xfe{}", "invalid_body"),
     (b"{not json", "invalid_json"),
-], ids=["list", "dict", "path", "conflict", "reserved-slot", "reserved-any", "deep", "utf8", "json"])
+], ids=["list", "dict", "path", "conflict", "reserved-slot", "reserved-any", "budget-negative", "budget-bool",
+        "budget-int", "deep", "utf8", "json"])
 def test_bad_steering_input_is_a_400_in_the_envelope(body, code):
     status, error = _call(KEYS, body, key="k1")
     assert status == 400 and error["code"] == code and error["message"]
