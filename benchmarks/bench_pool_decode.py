@@ -54,13 +54,14 @@ def parse_args(argv=None):
     p.add_argument("--baseline", type=Path, help="another kernels/ folder, timed as 'baseline'")
     p.add_argument("--out", type=Path, help="JSON path (default docs/results/pool-decode-<device>.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=int, help="experts each token keeps (an expert budget k' < k; default all k)")
     return p.parse_args(argv)
 
 
 class PoolStack:
     """L routers over one resident pool; step(route, moe) runs all layers on self.hidden."""
 
-    def __init__(self, torch, kernels, shape, num_tokens, dtype, device, gen):
+    def __init__(self, torch, kernels, shape, num_tokens, dtype, device, gen, budget=None):
         H, F, M, k, L = shape
         self.torch, self.num_layers = torch, L
         self.spec = kernels.RoutingSpec.of("norm", k)
@@ -72,7 +73,9 @@ class PoolStack:
         self.steering = kernels.SteeringView(
             torch.zeros(num_tokens, dtype=torch.int32, device=device),  # index [T]
             torch.zeros(1, L, M, device=device),  # bias [P+1, L, M]
-            torch.zeros(1, L, M, dtype=torch.int8, device=device))  # mask [P+1, L, M]
+            torch.zeros(1, L, M, dtype=torch.int8, device=device),  # mask [P+1, L, M]
+            # --budget k': every token keeps k' of its k experts, the others are dropped (id M)
+            None if budget is None else torch.full((num_tokens,), budget, dtype=torch.int32, device=device))
         self.hidden = torch.randn(num_tokens, H, generator=gen, device=device).to(dtype)  # [T, H], static input
 
     def step(self, route, moe):
@@ -111,7 +114,8 @@ def measure(torch, stack, name, route, moe, reference, timer, use_graph, bandwid
             cell["eager_ms"] = timer(lambda: stack.step(route, moe))
     except Exception as exc:  # e.g. _grouped_mm unsupported, or capture refused
         return dict(error=f"{type(exc).__name__}: {str(exc)[:160]}")
-    u = [int(torch.unique(ids[layer]).numel()) for layer in range(stack.num_layers)]
+    num_experts = stack.w_gate_up.shape[0]
+    u = [int(torch.unique(ids[layer][ids[layer] < num_experts]).numel()) for layer in range(stack.num_layers)]
     cell.update(u_per_layer=u, u_sum=sum(u), max_abs_err=(x.float() - want_x.float()).abs().max().item(),
                 routing_agreement=(ids == want_ids).float().mean().item())
     cell["bound_ms"] = sum(u) * stack.expert_bytes() / bandwidth * 1e3
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
           + " | fused eager ms | ratios to fused")
     for num_tokens in tokens:
         gen = torch.Generator(device=device).manual_seed(args.seed)  # same model and inputs for every T
-        stack = PoolStack(torch, kernels, shape, num_tokens, dtype, device, gen)
+        stack = PoolStack(torch, kernels, shape, num_tokens, dtype, device, gen, args.budget)
         reference = stack.step(kernels.route_with_table, kernels.pool_moe)
         row = dict(T=num_tokens, u_uniform=M * (1 - (1 - k / M) ** num_tokens), impls={})
         for name, (route, moe) in impls.items():
