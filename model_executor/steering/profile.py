@@ -3,7 +3,9 @@
 File format (docs/steering.md): one safetensors file holding tensor `bias`
 [L, E] fp32 (the unscaled MASCing matrix S) and string metadata:
   format="unipool-steering/1", name, description, alpha, include, exclude (JSON
-  {layer: [expert ids]}), num_layers, num_experts, top_k, config_fingerprint.
+  {layer: [expert ids]}), num_layers, num_experts, top_k, config_fingerprint, and
+  optionally top_k_budget and provenance (a JSON object: how the profile was made,
+  e.g. by `unipool-steering fit`; informational, never part of the routing).
 The engine applies `alpha * bias` and the masks exactly as
 kernels/routing_reference.py documents.
 """
@@ -55,6 +57,7 @@ class SteeringProfile:
     exclude: dict[int, list[int]] = field(default_factory=dict)
     description: str = ""
     top_k_budget: int | None = None  # experts per token a request under this profile may use at most
+    provenance: dict | None = None  # how it was made (JSON-serialisable); not part of the content hash
 
     def __post_init__(self) -> None:
         self.include = _expert_sets(self.include, "include")
@@ -64,13 +67,15 @@ class SteeringProfile:
     # ---- construction ------------------------------------------------------
     @classmethod
     def for_config(cls, config: UniPoolConfig, *, name: str, bias=None, alpha: float = 1.0,
-                   include=None, exclude=None, description: str = "", top_k_budget: int | None = None) -> SteeringProfile:
+                   include=None, exclude=None, description: str = "", top_k_budget: int | None = None,
+                   provenance: dict | None = None) -> SteeringProfile:
         shape = (config.num_hidden_layers, config.num_experts)
         bias = torch.zeros(shape) if bias is None else torch.as_tensor(bias, dtype=torch.float32)
         return cls(
             name=name, bias=bias, alpha=alpha, include=include or {}, exclude=exclude or {},
             description=description, num_layers=shape[0], num_experts=shape[1],
             top_k=config.num_experts_per_tok, config_fingerprint=config.fingerprint(), top_k_budget=top_k_budget,
+            provenance=provenance,
         )
 
     @classmethod
@@ -121,6 +126,13 @@ class SteeringProfile:
             both = sorted(set(self.include[layer]) & set(self.exclude[layer]))
             if both:
                 raise SteeringProfileError(f"profile {self.name!r}: layer {layer} both includes and excludes {both}")
+        if self.provenance is not None:
+            try:
+                if not isinstance(self.provenance, dict):
+                    raise TypeError(f"a {type(self.provenance).__name__}")
+                json.dumps(self.provenance, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise SteeringProfileError(f"profile {self.name!r}: provenance must be a JSON object ({exc})") from None
         budget = self.top_k_budget
         if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
                                    or not 0 <= budget <= self.top_k):
@@ -178,7 +190,7 @@ class SteeringProfile:
             "name": self.name, "description": self.description, "alpha": self.alpha,
             "num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
             "config_fingerprint": self.config_fingerprint, "content_hash": contract.digest(self.content_hash()),
-            "top_k_budget": self.top_k_budget,
+            "top_k_budget": self.top_k_budget, "provenance": self.provenance,
             "layers": [
                 {"layer": l, "nonzero_bias": int((rows[l] != 0).sum()), "max_abs_bias": float(rows[l].abs().max()),
                  "include": self.include.get(l, []), "exclude": self.exclude.get(l, [])}
@@ -197,6 +209,8 @@ class SteeringProfile:
         }
         if self.top_k_budget is not None:
             metadata["top_k_budget"] = str(self.top_k_budget)
+        if self.provenance is not None:
+            metadata["provenance"] = json.dumps(self.provenance, sort_keys=True)
         return save_tensors({"bias": self.bias}, metadata=metadata)
 
     def save(self, path: str | Path) -> Path:
@@ -225,6 +239,7 @@ class SteeringProfile:
                 num_experts=int(metadata["num_experts"]), top_k=int(metadata["top_k"]),
                 config_fingerprint=metadata["config_fingerprint"],
                 top_k_budget=int(metadata["top_k_budget"]) if "top_k_budget" in metadata else None,
+                provenance=json.loads(metadata["provenance"]) if "provenance" in metadata else None,
             )
         except SteeringProfileError:
             raise

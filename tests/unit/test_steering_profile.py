@@ -76,3 +76,23 @@ def test_cli_creates_from_json_and_rejects_bad_input(tmp_path, capsys):
     assert steering_cli(["create", "--model", str(tmp_path), "--json", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b")]) == 2
     assert "bias layer 9 out of range" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_provenance_round_trips_and_is_not_routing_content(tmp_path):
+    made = {"method": "fit", "data_sha256": "ab" * 32, "lambda": 1e-4, "alpha": 2.0, "surrogate_accuracy": 0.9}
+    p = _profile(bias=torch.ones(4, 8), provenance=made)
+    again = SteeringProfile.load(p.save(tmp_path / "p.safetensors"), CFG)
+    assert again.provenance == made and again.summary()["provenance"] == made
+    assert again.content_hash() == _profile(bias=torch.ones(4, 8)).content_hash()
+
+
+def test_profiles_without_provenance_still_load(tmp_path):
+    """Files written before the entry existed carry no `provenance` metadata."""
+    again = SteeringProfile.load(_profile().save(tmp_path / "p.safetensors"), CFG)
+    assert again.provenance is None and again.summary()["provenance"] is None
+
+
+@pytest.mark.parametrize("bad", [["a list"], {"x": math.nan}, {"x": object()}])
+def test_provenance_must_be_a_json_object(bad):
+    with pytest.raises(SteeringProfileError, match="provenance must be a JSON object"):
+        _profile(provenance=bad)
