@@ -4,10 +4,12 @@
   unipool-steering create --model DIR --name NAME --bias bias.npy --alpha 1.5 --out NAME.safetensors
   unipool-steering show NAME.safetensors [--model DIR]
   unipool-steering subpool --model DIR --usage URL_OR_JSONL --keep-fraction 0.5 --name top-half --out top-half.safetensors
+  unipool-steering fit --model DIR [--server URL] --data labelled.jsonl --name safe --out safe.safetensors [--judge SPEC]
 
 A sub-pool is a profile that excludes every expert but each pool's most used ones (ranked
 like `unipool-convert prune`, docs/expert-budgets.md): requests under it, or keys bound to
-it, touch fewer expert weights per step.
+it, touch fewer expert weights per step. `fit` makes a profile from labelled examples
+(MASCing's pipeline; steering/fit/, docs/fitting-profiles.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import UniPoolConfig
+from .fit import command as fit_command
 from .profile import SteeringProfile, SteeringProfileError
 
 
@@ -69,10 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     subpool.add_argument("--description", default="")
     subpool.add_argument("--top-k-budget", type=int, help="also cap the experts per token")
     subpool.add_argument("--out", required=True, type=Path)
+    fit_command.add_parser(sub)
     show = sub.add_parser("show", help="validate a profile file and print its summary")
     show.add_argument("path", type=Path)
     show.add_argument("--model", type=Path, help="also check it fits this model folder")
     args = parser.parse_args(argv)
+    if args.command == "fit":
+        return fit_command.run(args)
 
     try:
         config = UniPoolConfig.from_pretrained(str(args.model)) if args.model else None

@@ -1,0 +1,102 @@
+"""The `fit` subcommand of unipool-steering: flags, sources, and the one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from ...config import UniPoolConfig
+from ..profile import SteeringProfile, SteeringProfileError, check_name
+from .data import FitDataError, read_examples
+from .judge import JudgeError, parse_judge
+from .pipeline import DEFAULT_ALPHAS, DEFAULT_LAMBDAS, FitError, FitOptions, run_fit
+from .sources import FitSourceError, ReferenceSource
+
+HELP = """fit a steering profile from labelled examples (MASCing): JSONL lines {"prompt": "..."} or
+{"messages": [...]} with "label": 1 (behaviour to suppress) or 0 (to keep); docs/fitting-profiles.md"""
+
+
+def add_parser(sub) -> None:
+    fit = sub.add_parser("fit", help=HELP, description=HELP)
+    fit.add_argument("--model", required=True, type=Path,
+                     help="model folder; captured through its reference model unless --server is given "
+                          "(then only its config.json is read: the profile's shape and fingerprint)")
+    fit.add_argument("--server", metavar="URL", help="capture through a running unipool-serve server instead")
+    fit.add_argument("--data", required=True, type=Path, help="labelled JSONL")
+    fit.add_argument("--name", required=True, help="profile name")
+    fit.add_argument("--out", required=True, type=Path, help="profile file to write (.safetensors)")
+    fit.add_argument("--seed", type=int, default=0, help="split, surrogate and optimisation seed (default 0)")
+    fit.add_argument("--lambda", dest="lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS),
+                     metavar="L", help=f"L1 penalties to try (default {' '.join(map(str, DEFAULT_LAMBDAS))})")
+    fit.add_argument("--alpha", dest="alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), metavar="A",
+                     help=f"strengths to choose from (default {' '.join(map(str, DEFAULT_ALPHAS))})")
+    fit.add_argument("--threshold", type=float, default=0.1, help="|S| at or below this is zeroed (default 0.1)")
+    fit.add_argument("--judge", help="choose alpha by generation: regex:PATTERN, keywords:W1,W2 or "
+                                     "callable:MODULE:FUNCTION[=VALUE] (flags the behaviour)")
+    fit.add_argument("--judge-tokens", type=int, default=32, help="greedy tokens per judged continuation (default 32)")
+    fit.add_argument("--surrogate-epochs", type=int, default=30)
+    fit.add_argument("--bias-epochs", type=int, default=100)
+    fit.add_argument("--compare", type=Path, action="append", default=[], metavar="PROFILE",
+                     help="also evaluate this profile file (repeatable)")
+    fit.add_argument("--description", default="")
+    fit.add_argument("--device", default="cpu", help="reference model device (default cpu)")
+    fit.add_argument("--api-key", help="--server: key for generation and tokenize requests")
+    fit.add_argument("--admin-key", help="--server with --judge: uploads candidate profiles (then deletes them)")
+    fit.add_argument("--served-model", help="--server: model name in requests (default: the first of /v1/models)")
+    fit.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _check_args(args) -> None:
+    check_name(args.name)
+    for flag, values in (("--lambda", args.lambdas), ("--alpha", args.alphas)):
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise FitError(f"{flag} values must be non-negative numbers, got {values}")
+    if not any(a > 0 for a in args.alphas):
+        raise FitError("--alpha needs at least one positive strength")
+    for flag, value in (("--judge-tokens", args.judge_tokens), ("--surrogate-epochs", args.surrogate_epochs),
+                        ("--bias-epochs", args.bias_epochs)):
+        if value < 1:
+            raise FitError(f"{flag} must be at least 1, got {value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    source = None
+    try:
+        _check_args(args)
+        config = UniPoolConfig.from_pretrained(str(args.model))
+        examples, data_hash = read_examples(args.data)
+        compare = [SteeringProfile.load(path, config) for path in args.compare]
+        judge = parse_judge(args.judge) if args.judge else None
+        torch.manual_seed(args.seed)
+        if args.server:
+            from .server import ServerSource
+
+            source = ServerSource(args.server, api_key=args.api_key, admin_key=args.admin_key,
+                                  model=args.served_model)
+        else:
+            source = ReferenceSource(args.model, device=args.device)
+        opts = FitOptions(name=args.name, seed=args.seed, lambdas=args.lambdas, alphas=[a for a in args.alphas if a > 0],
+                          threshold=args.threshold, surrogate_epochs=args.surrogate_epochs,
+                          bias_epochs=args.bias_epochs, judge=judge, judge_tokens=args.judge_tokens,
+                          description=args.description, compare=compare, progress=not args.no_progress)
+        result = run_fit(source, config, examples, data_hash, opts)
+        result.profile.save(args.out)
+    except (FitDataError, FitError, JudgeError, FitSourceError, SteeringProfileError, OSError, ValueError) as exc:
+        print(f"unipool-steering fit: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    finally:
+        if source is not None and hasattr(source, "close"):
+            source.close()
+    acc = result.accuracy
+    made = result.profile.provenance
+    print(f"surrogate accuracy: train {acc['train']:.1%}, validation {acc['val']:.1%}, test {acc['test']:.1%}")
+    print(f"chosen: lambda {made['lambda']:g}, alpha {made['alpha']:g} (by {made['alpha_chosen_by']}), "
+          f"{made['nonzero']} nonzero entries of {result.profile.num_layers} x {result.profile.num_experts}")
+    print("behaviour rate on the test split:")
+    print(result.table())
+    print(f"wrote {args.out}")
+    return 0

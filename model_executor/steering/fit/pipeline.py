@@ -1,0 +1,140 @@
+"""`unipool-steering fit`, end to end: capture, surrogate, S, alpha, profile, evaluation.
+
+    examples -> split (train / validation / test, stratified, by --seed)
+             -> capture router logits of every example once (sources.py, server.py)
+             -> train the surrogate on the training split; accuracy on validation and test
+             -> per lambda: optimise S on the training label-1 traces, sparsify
+             -> pick (lambda, alpha) on the validation split (surrogate, or judge)
+             -> the profile, with its provenance; the evaluation table on the test split
+
+Deterministic for a seed: every random draw (split, surrogate init, batch order, random
+controls) comes from a generator seeded by it; only the provenance's `created` differs
+between two runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ...config import UniPoolConfig
+from ..profile import SteeringProfile
+from . import optimise, report, surrogate as surrogate_mod
+from .data import Example, split
+from .judge import Judge
+
+DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+DEFAULT_LAMBDAS = (1e-4,)
+METHOD = ("unipool-steering fit: MASCing surrogate (LayerNorm, shared Linear E->16, LSTM 64, Linear 1; BCE, Adam) "
+          "on router logits; S by Adam against the frozen surrogate (target label 0, L1), sparsified")
+
+
+class FitError(ValueError):
+    """The fit cannot go on; the message says why and what to change."""
+
+
+@dataclass
+class FitOptions:
+    name: str
+    seed: int = 0
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS
+    alphas: Sequence[float] = DEFAULT_ALPHAS
+    threshold: float = 0.1
+    surrogate_epochs: int = 30
+    bias_epochs: int = 100
+    judge: Judge | None = None
+    judge_tokens: int = 32
+    description: str = ""
+    compare: Sequence[SteeringProfile] = ()
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    profile: SteeringProfile
+    rows: list[report.Row]
+    accuracy: dict[str, float]
+    candidates: list[optimise.Candidate]
+    counts: dict[int, int] = field(default_factory=dict)  # test examples per label
+
+    def table(self) -> str:
+        return report.format_table(self.rows, self.counts)
+
+
+def check_logits_shape(traces: Sequence[torch.Tensor], config: UniPoolConfig, source: str) -> None:
+    want = (config.num_hidden_layers, config.num_experts)
+    for trace in traces:
+        if tuple(trace.shape[1:]) != want:
+            raise FitError(f"{source} gives router logits for {list(trace.shape[1:])} (layers, experts) but the model "
+                           f"folder is for {list(want)}: point --model at the folder of the model being captured")
+
+
+def run_fit(source, config: UniPoolConfig, examples: list[Example], data_hash: str, opts: FitOptions) -> FitResult:
+    splits = split(examples, opts.seed)
+    ordered = splits.train + splits.val + splits.test
+    captured = source.capture(ordered, progress=opts.progress)
+    check_logits_shape(captured, config, source.description)
+    n_train, n_val = len(splits.train), len(splits.val)
+    traces = {"train": captured[:n_train], "val": captured[n_train:n_train + n_val], "test": captured[n_train + n_val:]}
+    labels = {name: [e.label for e in part] for name, part in
+              (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+
+    def of_label(name: str, label: int) -> list[torch.Tensor]:
+        return [t for t, y in zip(traces[name], labels[name]) if y == label]
+
+    model = surrogate_mod.train_surrogate(traces["train"], labels["train"], seed=opts.seed,
+                                          epochs=opts.surrogate_epochs, progress=opts.progress)
+    acc = {name: surrogate_mod.accuracy(model, traces[name], labels[name]) for name in ("train", "val", "test")}
+
+    biases = {}
+    for l1 in opts.lambdas:
+        fitted = optimise.fit_bias(model, of_label("train", 1), l1=l1, seed=opts.seed, epochs=opts.bias_epochs,
+                                   progress=opts.progress)
+        sparse = optimise.sparsify(fitted, opts.threshold)
+        if sparse.any():
+            biases[l1] = sparse
+    if not biases:
+        raise FitError(f"every fitted S is zero once entries with |S| <= {opts.threshold} are dropped: lower --lambda "
+                       "or --threshold (or check the surrogate's accuracy: it may have found no signal)")
+    candidates = optimise.score_candidates(model, biases, opts.alphas, of_label("val", 1))
+
+    def as_profile(bias, alpha, name=opts.name, provenance=None):
+        return SteeringProfile.for_config(config, name=name, bias=bias, alpha=alpha, description=opts.description,
+                                          provenance=provenance)
+
+    val_1 = [e for e in splits.val if e.label == 1]
+    if opts.judge is not None:
+        chosen = optimise.choose_by_judge(candidates, lambda c: opts.judge.rate(
+            source.generate(val_1, as_profile(c.bias, c.alpha), opts.judge_tokens, progress=False)), opts.progress)
+    else:
+        chosen = optimise.choose_by_surrogate(candidates)
+    fitted = as_profile(chosen.bias, chosen.alpha)
+
+    test_by_label = {y: [e for e in splits.test if e.label == y] for y in (0, 1)}
+
+    def judged(profile, label):
+        texts = source.generate(test_by_label[label], profile, opts.judge_tokens, progress=False)
+        return opts.judge.rate(texts)
+
+    steerings = [("unsteered", None), (f"fitted (lambda {chosen.l1:g}, alpha {chosen.alpha:g})", fitted),
+                 *report.random_controls(fitted), *((f"compare: {p.name}", p) for p in opts.compare)]
+    rows = report.evaluate(model, steerings, of_label("test", 1), of_label("test", 0),
+                           judged if opts.judge is not None else None)
+    provenance = {
+        "method": METHOD, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source.description, "data_sha256": data_hash, "split_seed": opts.seed, "splits": splits.sizes(),
+        "examples": {"label_1": sum(e.label for e in examples), "label_0": sum(1 - e.label for e in examples)},
+        "tokens": "chat: the final user message; plain prompt: every prompt token",
+        "surrogate": {"epochs": opts.surrogate_epochs, "accuracy": {k: round(v, 4) for k, v in acc.items()}},
+        "lambda": chosen.l1, "alpha": chosen.alpha, "threshold": opts.threshold, "bias_epochs": opts.bias_epochs,
+        "nonzero": int((chosen.bias != 0).sum()),
+        "alpha_chosen_by": opts.judge.spec if opts.judge is not None else "surrogate",
+        "candidates": [{"lambda": c.l1, "alpha": c.alpha, "surrogate_rate": round(c.surrogate_rate, 4),
+                        "judge_rate": c.judge_rate} for c in candidates],
+        "evaluation": [r.as_dict() for r in rows],
+    }
+    profile = as_profile(chosen.bias, chosen.alpha, provenance=provenance)
+    return FitResult(profile, rows, acc, candidates, {y: len(v) for y, v in test_by_label.items()})

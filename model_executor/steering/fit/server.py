@@ -1,0 +1,150 @@
+"""Router logits from a running unipool-serve server, through its per-request capture fields.
+
+Capture: one generation request per example with `"return_router_logits": true` and
+`"max_tokens": 1` (the prompt is what is captured). Each choice then carries
+`"router_logits"`: base64 of an `np.save`d float16 array `[tokens, num_layers,
+num_experts]` for the tokens the model computed (prompt and output, minus the last token,
+so with one output token: the prompt). For a chat, `"routed_experts_prompt_start"` skips
+the tokens before the final user message; the span comes from the server's own `/tokenize`
+(sources.final_user_span), so the client needs neither the tokenizer nor the template.
+
+Generation for a judge: the candidate profile is uploaded under its own name (the admin
+key; replacing a previous candidate), requested with `"steering"`, and deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..profile import SteeringProfile
+from .data import Example
+from .sources import FitSourceError, blank_final_user, final_user_span
+
+
+class ServerSource:
+    """A unipool-serve server at `url` (its served model); `transport` is for tests."""
+
+    def __init__(self, url: str, *, api_key: str | None = None, admin_key: str | None = None,
+                 model: str | None = None, transport=None, timeout: float = 600.0):
+        try:
+            import httpx
+        except ImportError:  # shipped with vLLM; a bare install of this package may lack it
+            raise FitSourceError("--server needs the httpx package: pip install httpx") from None
+        self.url = url.rstrip("/")
+        self.description = f"server {self.url}"
+        self.admin_key = admin_key
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=self.url, headers=headers, transport=transport, timeout=timeout)
+        self._httpx = httpx
+        self.model = model or self._served_model()
+
+    def close(self) -> None:
+        self.client.close()
+
+    # ---- HTTP ---------------------------------------------------------------
+    def _request(self, method: str, path: str, *, key: str | None = None, **kwargs) -> dict:
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        try:
+            response = self.client.request(method, path, headers=headers, **kwargs)
+        except self._httpx.HTTPError as exc:
+            raise FitSourceError(f"{method} {self.url}{path} failed: {exc}") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:300]
+            raise FitSourceError(f"{method} {self.url}{path}: HTTP {response.status_code}: {message}")
+        try:
+            return response.json()
+        except ValueError:
+            raise FitSourceError(f"{method} {self.url}{path}: the answer is not JSON") from None
+
+    def _served_model(self) -> str:
+        data = self._request("GET", "/v1/models").get("data") or []
+        if not data:
+            raise FitSourceError(f"{self.url}/v1/models lists no model")
+        return data[0]["id"]
+
+    def _tokens(self, chat: list[dict[str, str]]) -> list[int]:
+        body = {"model": self.model, "messages": chat, "add_generation_prompt": True}
+        return list(self._request("POST", "/tokenize", json=body)["tokens"])
+
+    # ---- capture --------------------------------------------------------------
+    def capture(self, examples: Sequence[Example], progress: bool = True) -> list[torch.Tensor]:
+        traces = []
+        for example in tqdm(examples, desc=f"capture ({self.url})", unit="example", disable=not progress):
+            body = {"model": self.model, "max_tokens": 1, "temperature": 0, "return_router_logits": True}
+            if example.prompt is not None:
+                start, end, expected = 0, None, None
+                path, body["prompt"] = "/v1/completions", example.prompt
+            else:
+                full = self._tokens(example.chat())
+                start, end = final_user_span(full, self._tokens(blank_final_user(example)))
+                expected = len(full)
+                path, body["messages"] = "/v1/chat/completions", example.chat()
+                body["routed_experts_prompt_start"] = start
+            answer = self._request("POST", path, json=body)
+            prompt_tokens = (answer.get("usage") or {}).get("prompt_tokens")
+            if expected is not None and prompt_tokens not in (None, expected):
+                raise FitSourceError(f"line {example.line}: /tokenize gave {expected} prompt tokens but the chat "
+                                     f"request used {prompt_tokens}; the span of the final user message is unknown")
+            if end is None:
+                if prompt_tokens is None:
+                    raise FitSourceError(f"{self.url}{path} answered without usage.prompt_tokens")
+                end = prompt_tokens
+            logits = self._decode(answer, path, example)
+            if logits.shape[0] < end - start:
+                raise FitSourceError(f"line {example.line}: {path} returned router_logits for {logits.shape[0]} "
+                                     f"tokens, expected at least {end - start} (prompt tokens {start}..{end})")
+            traces.append(torch.from_numpy(logits[: end - start].astype(np.float32)))  # [T, L, E]
+        return traces
+
+    def _decode(self, answer: dict, path: str, example: Example) -> np.ndarray:
+        choices = answer.get("choices") or [{}]
+        encoded = choices[0].get("router_logits")
+        if not isinstance(encoded, str):
+            raise FitSourceError(f"{self.url}{path} returned no \"router_logits\": the server does not support "
+                                 "per-request routing capture (unipool-serve with return_router_logits)")
+        try:
+            array = np.load(io.BytesIO(base64.b64decode(encoded)), allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise FitSourceError(f"line {example.line}: router_logits is not a base64 .npy array ({exc})") from None
+        if array.ndim != 3:
+            raise FitSourceError(f"line {example.line}: router_logits has shape {list(array.shape)}, "
+                                 "expected [tokens, layers, experts]")
+        return array
+
+    # ---- generation -------------------------------------------------------------
+    def generate(self, examples: Sequence[Example], profile: SteeringProfile | None, max_new_tokens: int,
+                 progress: bool = True) -> list[str]:
+        if profile is not None:
+            if not self.admin_key:
+                raise FitSourceError("judging through a server uploads candidate profiles: pass --admin-key")
+            # a fresh name: a candidate must never replace (and then delete) a profile the server serves
+            profile = dataclasses.replace(profile, name=f"{profile.name[:40]}.fit-candidate-{secrets.token_hex(4)}")
+            self._request("POST", "/v1/steering/profiles", key=self.admin_key, content=profile.to_bytes())
+        try:
+            texts = []
+            for example in tqdm(examples, desc=f"generate ({self.url})", unit="prompt", disable=not progress):
+                body = {"model": self.model, "max_tokens": max_new_tokens, "min_tokens": max_new_tokens,
+                        "temperature": 0}
+                if profile is not None:
+                    body["steering"] = profile.name
+                if example.prompt is not None:
+                    choice = self._request("POST", "/v1/completions", json=body | {"prompt": example.prompt})
+                    texts.append(choice["choices"][0]["text"])
+                else:
+                    choice = self._request("POST", "/v1/chat/completions", json=body | {"messages": example.chat()})
+                    texts.append(choice["choices"][0]["message"]["content"] or "")
+            return texts
+        finally:
+            if profile is not None:
+                self._request("DELETE", f"/v1/steering/profiles/{profile.name}", key=self.admin_key)
