@@ -11,8 +11,10 @@ engine applies alpha * sigma_t * S) is picked on the validation split:
 - by the surrogate: the smallest alpha whose mean P(label 1) on the validation label-1
   traces is within SURROGATE_TOLERANCE of the best alpha's (the surrogate alone always
   prefers more steering, so this takes the weakest alpha that gets nearly all of it);
-- by a judge, when given: the lowest share of judged-behaviour continuations of the
-  validation label-1 prompts; ties go to the smaller alpha, then to the larger lambda.
+- by a judge, when given: the lowest share of validation label-1 continuations the judge
+  flags, plus any rise in the share it flags among the label-0 continuations over the
+  unsteered model's (a profile that pushes the kept behaviour into the suppressed one
+  pays for it); ties go to the smaller alpha, then to the larger lambda.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ class Candidate:
     bias: torch.Tensor  # [L, E] sparse S, unscaled
     surrogate_rate: float = 0.0  # mean P(label 1) of the steered validation label-1 traces
     judge_rate: float | None = None  # share of validation label-1 continuations the judge flags
+    judge_rate_0: float | None = None  # ... and of validation label-0 continuations
+
+    def judge_cost(self, unsteered_0: float) -> float:
+        return self.judge_rate + max(0.0, self.judge_rate_0 - unsteered_0)
 
 
 def score_candidates(surrogate: RoutingSurrogate, biases: dict[float, torch.Tensor], alphas: Sequence[float],
@@ -90,8 +96,10 @@ def choose_by_surrogate(candidates: Sequence[Candidate]) -> Candidate:
     return min(near, key=lambda c: (c.alpha, -c.l1))
 
 
-def choose_by_judge(candidates: Sequence[Candidate], judged_rate: Callable[[Candidate], float],
+def choose_by_judge(candidates: Sequence[Candidate], judged: Callable[[Candidate | None, int], float],
                     progress: bool = True) -> Candidate:
+    """`judged(candidate or None for unsteered, label)`: share of that label's validation continuations flagged."""
+    unsteered_0 = judged(None, 0)
     for c in tqdm(candidates, desc="judge alphas", unit="candidate", disable=not progress):
-        c.judge_rate = judged_rate(c)
-    return min(candidates, key=lambda c: (c.judge_rate, c.alpha, -c.l1))
+        c.judge_rate, c.judge_rate_0 = judged(c, 1), judged(c, 0)
+    return min(candidates, key=lambda c: (c.judge_cost(unsteered_0), c.alpha, -c.l1))

@@ -26,8 +26,8 @@ from . import optimise, report, surrogate as surrogate_mod
 from .data import Example, split
 from .judge import Judge
 
-DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-DEFAULT_LAMBDAS = (1e-4,)
+DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0)
+DEFAULT_LAMBDAS = (1e-3, 1e-2)
 METHOD = ("unipool-steering fit: MASCing surrogate (LayerNorm, shared Linear E->16, LSTM 64, Linear 1; BCE, Adam) "
           "on router logits; S by Adam against the frozen surrogate (target label 0, L1), sparsified")
 
@@ -105,10 +105,13 @@ def run_fit(source, config: UniPoolConfig, examples: list[Example], data_hash: s
         return SteeringProfile.for_config(config, name=name, bias=bias, alpha=alpha, description=opts.description,
                                           provenance=provenance)
 
-    val_1 = [e for e in splits.val if e.label == 1]
+    val_by_label = {y: [e for e in splits.val if e.label == y] for y in (0, 1)}
     if opts.judge is not None:
-        chosen = optimise.choose_by_judge(candidates, lambda c: opts.judge.rate(
-            source.generate(val_1, as_profile(c.bias, c.alpha), opts.judge_tokens, progress=False)), opts.progress)
+        def judged_val(c, label):
+            profile = None if c is None else as_profile(c.bias, c.alpha)
+            return opts.judge.rate(source.generate(val_by_label[label], profile, opts.judge_tokens, progress=False))
+
+        chosen = optimise.choose_by_judge(candidates, judged_val, opts.progress)
     else:
         chosen = optimise.choose_by_surrogate(candidates)
     fitted = as_profile(chosen.bias, chosen.alpha)
@@ -133,7 +136,7 @@ def run_fit(source, config: UniPoolConfig, examples: list[Example], data_hash: s
         "nonzero": int((chosen.bias != 0).sum()),
         "alpha_chosen_by": opts.judge.spec if opts.judge is not None else "surrogate",
         "candidates": [{"lambda": c.l1, "alpha": c.alpha, "surrogate_rate": round(c.surrogate_rate, 4),
-                        "judge_rate": c.judge_rate} for c in candidates],
+                        "judge_rate": c.judge_rate, "judge_rate_label_0": c.judge_rate_0} for c in candidates],
         "evaluation": [r.as_dict() for r in rows],
     }
     profile = as_profile(chosen.bias, chosen.alpha, provenance=provenance)

@@ -84,7 +84,7 @@ def train_surrogate(traces: Sequence[torch.Tensor], labels: Sequence[int], *, se
             loss = loss_fn(model(x[idx], lengths[idx]), y[idx])
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         bar.set_postfix(loss=f"{total / len(traces):.4f}")
     return model.eval()
 

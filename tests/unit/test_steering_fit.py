@@ -1,0 +1,241 @@
+"""unipool-steering fit: data, judges, surrogate and S on a signal that is there by design, the CLI.
+
+The signal: every label-1 example contains a marker whose routing differs, by construction
+(synthetic traces with a spiked expert, or a tiny model whose layer-0 router sends the
+marker token's logits to expert 3). Nothing here depends on what an untrained model emits.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import pytest
+import torch
+
+from unipool_serve.demo.tiny_model import tiny_config, write_tiny_model
+from unipool_serve.model_executor.steering.cli import main as steering_cli
+from unipool_serve.model_executor.steering.fit import optimise, report, surrogate
+from unipool_serve.model_executor.steering.fit.data import Example, FitDataError, read_examples, split
+from unipool_serve.model_executor.steering.fit.judge import JudgeError, parse_judge
+from unipool_serve.model_executor.steering.fit.pipeline import FitOptions, run_fit
+from unipool_serve.model_executor.steering.profile import SteeringProfile
+
+L, E, SPIKE = 4, 8, 3  # layers, experts, the expert label-1 tokens are routed to
+
+
+# ---- synthetic traces and a source made of them ---------------------------------
+def trace(text: str) -> torch.Tensor:
+    """[T, L, E] logits, a function of each word (as a router's are of its token); the marker
+    word '@' spikes expert SPIKE in layer 1."""
+    rows = []
+    for word in text.split():
+        row = torch.randn(L, E, generator=torch.Generator().manual_seed(zlib.crc32(word.encode())))
+        if word == "@":
+            row[1, SPIKE] += 6.0
+        rows.append(row)
+    return torch.stack(rows)
+
+
+class SyntheticSource:
+    """Logits from `trace`; a continuation is 'code' while the marker's spike survives the profile."""
+
+    description = "synthetic"
+
+    def capture(self, examples, progress=True):
+        return [trace(e.prompt) for e in examples]
+
+    def generate(self, examples, profile, max_new_tokens, progress=True):
+        pulled = 0.0 if profile is None else float(profile.bias_rows()[1, SPIKE])
+        return ["code" if "@" in e.prompt.split() and pulled > -1.0 else "prose" for e in examples]
+
+
+def labelled(n_per_label: int) -> list[Example]:
+    words = "river stone road tree lamp door field hill".split()
+    out = []
+    for i in range(n_per_label):
+        base = [words[(i * 3 + j) % len(words)] for j in range(5 + i % 4)]
+        out.append(Example(label=1, prompt=" ".join(base[:2] + ["@"] + base[2:] + ["@"]), line=2 * i + 1))
+        out.append(Example(label=0, prompt=" ".join(base), line=2 * i + 2))
+    return out
+
+
+def test_surrogate_learns_the_signal_and_s_suppresses_it():
+    examples = labelled(30)
+    parts = split(examples, seed=0)
+    traces = {name: [trace(e.prompt) for e in getattr(parts, name)] for name in ("train", "test")}
+    labels = {name: [e.label for e in getattr(parts, name)] for name in ("train", "test")}
+    model = surrogate.train_surrogate(traces["train"], labels["train"], seed=0, progress=False)
+    assert surrogate.accuracy(model, traces["test"], labels["test"]) >= 0.9
+    ones = [t for t, y in zip(traces["train"], labels["train"]) if y == 1]
+    bias = optimise.sparsify(optimise.fit_bias(model, ones, l1=1e-3, seed=0, epochs=60, progress=False), 0.1)
+    assert bias[1, SPIKE] < 0  # the spiked expert is pushed down
+    test_ones = [t for t, y in zip(traces["test"], labels["test"]) if y == 1]
+    before = surrogate.probabilities(model, test_ones).mean()
+    after = surrogate.probabilities(model, test_ones, bias).mean()
+    assert before > 0.8 and after < 0.2, (before, after)
+
+
+def test_steering_in_the_surrogate_is_the_engines_rule():
+    from unipool_serve.kernels.routing_reference import steer_logits
+
+    x, bias = torch.randn(2, 3, L, E), torch.randn(L, E)
+    steered = surrogate.steer_traces(x, bias)
+    for b in range(2):
+        for t in range(3):
+            torch.testing.assert_close(steered[b, t], steer_logits(x[b, t], bias))  # row l: z + std(z_l) * S[l]
+
+
+def _options(**kw):
+    return FitOptions(**{"name": "calm", "lambdas": (1e-3,), "alphas": (0.5, 1.0, 2.0), "surrogate_epochs": 60,
+                         "bias_epochs": 100, "progress": False, **kw})
+
+
+def test_fit_is_deterministic_for_a_seed_and_records_how_it_was_made():
+    config = tiny_config(num_hidden_layers=L, num_experts=E)
+    runs = [run_fit(SyntheticSource(), config, labelled(20), "f" * 64, _options(seed=s)) for s in (5, 5, 6)]
+    a, b, c = (r.profile for r in runs)
+    assert torch.equal(a.bias, b.bias) and a.alpha == b.alpha
+    drop = lambda p: {k: v for k, v in p.provenance.items() if k != "created"}  # noqa: E731
+    assert drop(a) == drop(b)
+    assert drop(a) != drop(c)  # another seed, another split
+    made = a.provenance
+    assert made["data_sha256"] == "f" * 64 and made["lambda"] == 1e-3 and made["alpha"] == a.alpha
+    assert made["surrogate"]["accuracy"]["test"] >= 0.9 and made["alpha_chosen_by"] == "surrogate"
+    assert made["splits"] == {"train": 24, "val": 8, "test": 8} and made["created"]
+    rows = {r.steering.split(" (")[0]: r for r in runs[0].rows}
+    assert rows["unsteered"].surrogate_1 >= 0.9 and rows["fitted"].surrogate_1 <= 0.1
+    assert [r.steering for r in runs[0].rows][2:] == [f"random control, seed {s}" for s in report.RANDOM_SEEDS]
+
+
+def test_a_judge_chooses_alpha_by_generation():
+    config = tiny_config(num_hidden_layers=L, num_experts=E)
+    result = run_fit(SyntheticSource(), config, labelled(20), "0" * 64,
+                     _options(judge=parse_judge("regex:^code$"), alphas=(0.05, 0.5, 4.0)))
+    made = result.profile.provenance
+    assert made["alpha_chosen_by"] == "regex:^code$"
+    # SyntheticSource's continuations flip once alpha * S[1, SPIKE] <= -1: the smallest such alpha wins
+    flips = [c for c in result.candidates if c.judge_rate == 0.0]
+    assert flips and result.profile.alpha == min(c.alpha for c in flips)
+    fitted = result.rows[1]
+    assert result.rows[0].judge_1 == 1.0 and fitted.judge_1 == 0.0 and fitted.judge_0 == 0.0
+    assert "judge, label 1" in result.table()
+
+
+def test_random_controls_keep_each_layers_values():
+    bias = torch.zeros(L, E)
+    bias[1, 2], bias[1, 5], bias[3, 0] = -1.5, 0.7, 2.0
+    for seed in report.RANDOM_SEEDS:
+        control = report.random_like(bias, seed)
+        for layer in range(L):
+            assert sorted(control[layer].tolist()) == sorted(bias[layer].tolist())
+    assert not all(torch.equal(report.random_like(bias, s), bias) for s in report.RANDOM_SEEDS)
+
+
+# ---- data and judges ------------------------------------------------------------
+@pytest.mark.parametrize("lines, message", [
+    ([], "no examples"),
+    (['{"prompt": "a", "label": 1}'] * 4, "all 4 examples have label 1"),
+    (['{"prompt": "a", "label": 1}', "{not json"], "data.jsonl:2: not valid JSON"),
+    (['{"prompt": "a", "label": 2}'], "data.jsonl:1: \"label\" must be 1"),
+    (['{"prompt": "a", "label": true}'], "\"label\" must be 1"),
+    (['{"prompt": "a", "messages": [], "label": 1}'], "exactly one of"),
+    (['{"messages": [{"role": "system", "content": "x"}], "label": 0}'], "no user message"),
+    (['{"prompt": "", "label": 0}'], "non-empty string"),
+    (['{"prompt": "a", "label": 1}'] * 3 + ['{"prompt": "b", "label": 0}'] * 2, "label 0 has 2 example(s)"),
+])
+def test_bad_data_is_refused_naming_the_line(tmp_path, lines, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(FitDataError) as err:
+        read_examples(path)
+    assert message in str(err.value)
+
+
+def test_split_is_stratified_and_seeded():
+    examples = labelled(10)
+    parts = split(examples, seed=3)
+    assert parts.sizes() == {"train": 12, "val": 4, "test": 4}
+    for part in (parts.train, parts.val, parts.test):
+        assert {e.label for e in part} == {0, 1}
+    assert split(examples, seed=3) == parts and split(examples, seed=4) != parts
+
+
+def test_judges():
+    assert parse_judge("regex:\\bdef\\b").shows("def f():") and not parse_judge("regex:\\bdef\\b").shows("undefined")
+    assert parse_judge("keywords:Bomb, poison").rate(["a BOMB", "fine", "poisonous"]) == pytest.approx(2 / 3)
+    classify = parse_judge("callable:unipool_serve.demo.classifier:classify=code")
+    assert classify.shows("x = f(y)\nreturn x[0]") and not classify.shows("The river was quiet.")
+    for bad, message in [("regex:(", "invalid regular expression"), ("nope:x", "unknown kind"),
+                         ("callable:no.such.module:f", "cannot import"), ("regex", "expected")]:
+        with pytest.raises(JudgeError, match=message):
+            parse_judge(bad)
+
+
+# ---- the CLI, on a tiny model whose layer-0 router sees the marker by design ----------
+@pytest.fixture(scope="module")
+def crafted_model(tmp_path_factory):
+    """A tiny model whose layer-0 router gives the '@' token a large logit on expert 3."""
+    from transformers import AutoTokenizer
+
+    from unipool_serve.model_executor.reference.model import UniPoolForCausalLM
+
+    folder = write_tiny_model(tmp_path_factory.mktemp("crafted"), seed=0)
+    model = UniPoolForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    marker = AutoTokenizer.from_pretrained(str(folder))("@", add_special_tokens=False)["input_ids"]
+    direction = torch.nn.functional.normalize(torch.randn(model.config.hidden_size,
+                                                          generator=torch.Generator().manual_seed(1)), dim=0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[marker] = 3.0 * direction  # dominates the residual stream there
+        model.model.routers[0].weight[3] += 2.0 * direction
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def write_jsonl(path, examples):
+    path.write_text("".join(json.dumps({"prompt": e.prompt, "label": e.label}) + "\n" for e in examples))
+    return path
+
+
+def test_cli_fits_a_profile_on_the_crafted_model(crafted_model, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", labelled(15))
+    out = tmp_path / "calm.safetensors"
+    argv = ["fit", "--model", str(crafted_model), "--data", str(data), "--name", "calm", "--out", str(out),
+            "--lambda", "1e-3", "--alpha", "0.5", "1", "2", "--surrogate-epochs", "20", "--bias-epochs", "40",
+            "--no-progress"]
+    assert steering_cli(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| unsteered" in printed and "random control, seed 2" in printed and f"wrote {out}" in printed
+    profile = SteeringProfile.load(out)
+    made = profile.provenance
+    assert made["surrogate"]["accuracy"]["test"] >= 0.9, made
+    rows = {r["steering"].split(" (")[0]: r for r in made["evaluation"]}
+    assert rows["unsteered"]["surrogate_1"] >= 0.9 and rows["fitted"]["surrogate_1"] <= 0.5, rows
+    assert profile.bias[0, 3] < 0  # the marker's expert is pushed down
+
+
+def _cli_error(capsys, argv) -> str:
+    assert steering_cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("unipool-steering fit: error: ")
+    return err
+
+
+def test_cli_errors_are_one_line(tiny_model_factory, tmp_path, capsys):
+    folder = tiny_model_factory("fit-cli")
+    capsys.readouterr()  # writing the folder prints progress bars
+    base = ["fit", "--model", str(folder), "--name", "calm", "--out", str(tmp_path / "o.safetensors"), "--no-progress"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "label": 1}\n\n{"prompt": "b" "label": 0}\n')
+    assert "bad.jsonl:3: not valid JSON" in _cli_error(capsys, base + ["--data", str(bad)])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert "no examples" in _cli_error(capsys, base + ["--data", str(empty)])
+    one = write_jsonl(tmp_path / "one.jsonl", [e for e in labelled(5) if e.label == 1])
+    assert "all 5 examples have label 1" in _cli_error(capsys, base + ["--data", str(one)])
+    good = write_jsonl(tmp_path / "good.jsonl", labelled(5))
+    other = SteeringProfile.for_config(tiny_config(num_experts=16), name="other").save(tmp_path / "other.safetensors")
+    assert "made for another model" in _cli_error(capsys, base + ["--data", str(good), "--compare", str(other)])
+    assert "unknown kind" in _cli_error(capsys, base + ["--data", str(good), "--judge", "sql:x"])
+    assert "--alpha needs at least one positive" in _cli_error(capsys, base + ["--data", str(good), "--alpha", "0"])
+    assert not (tmp_path / "o.safetensors").exists()
