@@ -27,11 +27,13 @@ from unipool_serve.model_executor.steering.profile import SteeringProfile
 SEEDS = (0, 1, 2)
 
 
-def rows_of(profile: SteeringProfile, model_config) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    rows = [(f"`{profile.name}` (alpha {profile.alpha:g})", profile.bias_rows(), profile.mask_rows())]
+def rows_of(path: Path, profile: SteeringProfile) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    made = profile.provenance or {}
+    how = f"lambda {made['lambda']:g}, " if "lambda" in made else ""
+    rows = [(f"`{path.name}` ({how}alpha {profile.alpha:g})", profile.bias_rows(), profile.mask_rows())]
     for seed in SEEDS:
         rb, rm = random_like(profile.bias, profile.mask_rows(), seed)
-        rows.append((f"random control of `{profile.name}`, seed {seed}", profile.alpha * rb, rm))
+        rows.append((f"random control of `{path.name}`, seed {seed}", profile.alpha * rb, rm))
     return rows
 
 
@@ -48,7 +50,7 @@ def main(argv=None) -> None:
                  (f"hand-derived `prose` (alpha {hand.alpha:g}, bias + exclusions)", hand.bias_rows(), hand.mask_rows()),
                  ("hand-derived `prose`, bias only", hand.bias_rows(), None)]
     for path in args.profile:
-        steerings += rows_of(SteeringProfile.load(path, model.config), model.config)
+        steerings += rows_of(path, SteeringProfile.load(path, model.config))
     results = []
     for label, bias, mask in steerings:
         start = time.perf_counter()

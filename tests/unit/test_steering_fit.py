@@ -164,6 +164,8 @@ def test_split_is_stratified_and_seeded():
 def test_judges():
     assert parse_judge("regex:\\bdef\\b").shows("def f():") and not parse_judge("regex:\\bdef\\b").shows("undefined")
     assert parse_judge("keywords:Bomb, poison").rate(["a BOMB", "fine", "poisonous"]) == pytest.approx(2 / 3)
+    refusal = parse_judge("not:keywords:I can't,I cannot")
+    assert refusal.shows("Sure, here is how") and not refusal.shows("Sorry, I cannot help with that.")
     classify = parse_judge("callable:unipool_serve.demo.classifier:classify=code")
     assert classify.shows("x = f(y)\nreturn x[0]") and not classify.shows("The river was quiet.")
     for bad, message in [("regex:(", "invalid regular expression"), ("nope:x", "unknown kind"),

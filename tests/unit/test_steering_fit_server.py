@@ -82,7 +82,7 @@ def source(fake: FakeServer, **kw) -> ServerSource:
 def test_plain_prompt_captures_every_prompt_token():
     fake = FakeServer()
     [trace] = source(fake).capture([Example(label=1, prompt="def f():")], progress=False)
-    assert trace.dtype == torch.float32 and tuple(trace.shape) == (1 + len("def f():"), L, E)
+    assert trace.dtype == torch.float16 and tuple(trace.shape) == (1 + len("def f():"), L, E)  # as sent
     assert trace[:, 0, 0].tolist() == list(range(trace.shape[0]))
     method, path, body, _ = fake.requests[-1]
     assert (method, path) == ("POST", "/v1/completions")

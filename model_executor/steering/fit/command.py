@@ -12,7 +12,7 @@ import torch
 from ...config import UniPoolConfig
 from ..profile import SteeringProfile, SteeringProfileError, check_name
 from .data import FitDataError, read_examples
-from .judge import JudgeError, parse_judge
+from .judge import JUDGE_KINDS, JudgeError, parse_judge
 from .pipeline import DEFAULT_ALPHAS, DEFAULT_LAMBDAS, FitError, FitOptions, run_fit
 from .sources import FitSourceError, ReferenceSource
 
@@ -35,8 +35,7 @@ def add_parser(sub) -> None:
     fit.add_argument("--alpha", dest="alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), metavar="A",
                      help=f"strengths to choose from (default {' '.join(map(str, DEFAULT_ALPHAS))})")
     fit.add_argument("--threshold", type=float, default=0.1, help="|S| at or below this is zeroed (default 0.1)")
-    fit.add_argument("--judge", help="choose alpha by generation: regex:PATTERN, keywords:W1,W2 or "
-                                     "callable:MODULE:FUNCTION[=VALUE] (flags the behaviour)")
+    fit.add_argument("--judge", help=f"choose alpha by generation: {JUDGE_KINDS} (flags the behaviour)")
     fit.add_argument("--judge-tokens", type=int, default=32, help="greedy tokens per judged continuation (default 32)")
     fit.add_argument("--surrogate-epochs", type=int, default=30)
     fit.add_argument("--bias-epochs", type=int, default=100)

@@ -6,8 +6,10 @@
     keywords:WORD[,WORD...]       when any word occurs, case-insensitively
     callable:MODULE:FUNCTION      when FUNCTION(text) is truthy
     callable:MODULE:FUNCTION=VAL  when str(FUNCTION(text)) == VAL
+    not:SPEC                      when SPEC does NOT flag the text
 
-e.g. the demo model's classifier: `callable:unipool_serve.demo.classifier:classify=code`.
+e.g. the demo model's classifier: `callable:unipool_serve.demo.classifier:classify=code`;
+for "the model complied" as the absence of a refusal: `not:keywords:I can't,I cannot`.
 A judge sees only the text: a continuation broken into noise counts as "no behaviour"
 unless the judge says otherwise.
 """
@@ -19,7 +21,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-JUDGE_KINDS = "regex:PATTERN, keywords:WORD,WORD or callable:MODULE:FUNCTION[=VALUE]"
+JUDGE_KINDS = "regex:PATTERN, keywords:WORD,WORD, callable:MODULE:FUNCTION[=VALUE] or not:SPEC"
 
 
 class JudgeError(ValueError):
@@ -40,6 +42,9 @@ def parse_judge(spec: str) -> Judge:
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise JudgeError(f"--judge {spec!r}: expected {JUDGE_KINDS}")
+    if kind == "not":
+        inner = parse_judge(rest)
+        return Judge(spec, lambda text: not inner.shows(text))
     if kind == "regex":
         try:
             pattern = re.compile(rest)

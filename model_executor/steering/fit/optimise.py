@@ -34,8 +34,7 @@ SURROGATE_TOLERANCE = 0.02
 def fit_bias(surrogate: RoutingSurrogate, traces: Sequence[torch.Tensor], *, l1: float, seed: int,
              epochs: int = 100, lr: float = 0.05, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
     """S [L, E] that drives the frozen surrogate towards label 0 on `traces` (label-1 examples)."""
-    x, lengths = pad(traces)
-    bias = torch.zeros(x.shape[2], x.shape[3], requires_grad=True)
+    bias = torch.zeros(traces[0].shape[1], traces[0].shape[2], requires_grad=True)  # [L, E]
     optimiser = torch.optim.Adam([bias], lr=lr)
     loss_fn = nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(seed)
@@ -49,7 +48,8 @@ def fit_bias(surrogate: RoutingSurrogate, traces: Sequence[torch.Tensor], *, l1:
         for _ in bar:
             for idx in batches(len(traces), batch_size, generator):
                 optimiser.zero_grad()
-                logit = surrogate(steer_traces(x[idx], bias), lengths[idx])
+                x, lengths = pad([traces[int(i)] for i in idx])
+                logit = surrogate(steer_traces(x, bias), lengths)
                 loss = loss_fn(logit, torch.zeros_like(logit)) + l1 * bias.abs().sum()
                 loss.backward()
                 optimiser.step()

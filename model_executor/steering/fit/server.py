@@ -104,7 +104,7 @@ class ServerSource:
             if logits.shape[0] < end - start:
                 raise FitSourceError(f"line {example.line}: {path} returned router_logits for {logits.shape[0]} "
                                      f"tokens, expected at least {end - start} (prompt tokens {start}..{end})")
-            traces.append(torch.from_numpy(logits[: end - start].astype(np.float32)))  # [T, L, E]
+            traces.append(torch.from_numpy(np.ascontiguousarray(logits[: end - start])))  # [T, L, E] as sent (fp16)
         return traces
 
     def _decode(self, answer: dict, path: str, example: Example) -> np.ndarray:

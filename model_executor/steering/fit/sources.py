@@ -1,7 +1,8 @@
 """Where router logits come from: the reference model (offline, exact) or a running server.
 
 A logits source captures, for each example, the raw router logits of the tokens MASCing
-uses, `[T, L, E]` fp32 (T tokens, L layers, E experts of each layer's pool), and
+uses, `[T, L, E]` (T tokens, L layers, E experts of each layer's pool; fp32 from the
+reference model, fp16 as a server sends them; the surrogate computes in fp32), and
 generates greedy continuations under a steering profile (for a judge):
 
 - plain prompt: every prompt token, encoded as a completions request encodes it;
@@ -36,7 +37,7 @@ class LogitsSource(Protocol):
     description: str
 
     def capture(self, examples: Sequence[Example], progress: bool = True) -> list[torch.Tensor]:
-        """Per example, raw router logits of its captured tokens: [T, L, E] fp32."""
+        """Per example, raw router logits of its captured tokens: [T, L, E] (fp32 or fp16)."""
 
     def generate(self, examples: Sequence[Example], profile: SteeringProfile | None, max_new_tokens: int,
                  progress: bool = True) -> list[str]:

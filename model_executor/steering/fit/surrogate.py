@@ -46,8 +46,10 @@ class RoutingSurrogate(nn.Module):
 
 
 def pad(traces: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T_max, L, E] zero-padded, and the lengths [B]."""
-    return pad_sequence(list(traces), batch_first=True), torch.tensor([len(t) for t in traces])
+    """[B, T_max, L, E] fp32 zero-padded, and the lengths [B]. Called per batch: traces may be kept
+    in fp16 (as a server sends them), and a whole data set padded at once would not fit in memory
+    for a large model (48 layers x 128 experts is 24 KiB per token in fp32)."""
+    return pad_sequence([t.float() for t in traces], batch_first=True), torch.tensor([len(t) for t in traces])
 
 
 def steer_traces(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,6 @@ def train_surrogate(traces: Sequence[torch.Tensor], labels: Sequence[int], *, se
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = RoutingSurrogate(traces[0].shape[1], traces[0].shape[2])
-    x, lengths = pad(traces)
     y = torch.tensor(labels, dtype=torch.float32)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -81,7 +82,7 @@ def train_surrogate(traces: Sequence[torch.Tensor], labels: Sequence[int], *, se
         total = 0.0
         for idx in batches(len(traces), batch_size, generator):
             optimiser.zero_grad()
-            loss = loss_fn(model(x[idx], lengths[idx]), y[idx])
+            loss = loss_fn(model(*pad([traces[int(i)] for i in idx])), y[idx])
             loss.backward()
             optimiser.step()
             total += float(loss.detach()) * len(idx)
