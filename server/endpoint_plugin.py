@@ -62,7 +62,7 @@ class UniPoolEndpointPlugin:
         app.state.unipool_unavailable = self.unavailable
         app.add_middleware(SteeringGateway, router=app.router, policy=self.policy,
                            on_steering_error=self._count_error, on_metrics_scrape=self._refresh_metrics,
-                           unavailable=self.unavailable)
+                           unavailable=self.unavailable, take_capture=self._take_capture)
 
     def unavailable(self) -> str | None:
         """Why new requests cannot be served right now (None: they can)."""
@@ -71,6 +71,11 @@ class UniPoolEndpointPlugin:
         if self.engine_client is not None and self.engine_client.errored:
             return "the engine has stopped; this server cannot serve requests"
         return None
+
+    async def _take_capture(self, engine_ids: list[str]) -> dict:
+        """The captured routing of finished requests, from the first worker (TP ranks route alike)."""
+        results = await self.engine_client.collective_rpc(contract.RPC_TAKE_CAPTURE, args=(engine_ids,))
+        return results[0] if results else {}
 
     def _count_request(self, profile: str | None) -> None:
         if self.metrics is not None:
@@ -113,8 +118,8 @@ class UniPoolEndpointPlugin:
         if missing:
             raise RuntimeError(f"unipool_api: API keys are bound to steering profile(s) {missing}, which are not "
                                f"loaded from {self.settings.steering_dir}: refusing to serve them unsteered")
-        SteeringEnforcer(store, secret, on_admit=self._count_request, on_refuse=self._count_error).install(
-            engine_client.engine_core)
+        SteeringEnforcer(store, secret, on_admit=self._count_request, on_refuse=self._count_error,
+                         max_capture_bytes=self.settings.max_capture_bytes).install(engine_client.engine_core)
         layer_to_pool = [config.layer_to_pool(l) for l in range(config.num_hidden_layers)]
         self.metrics = PoolMetrics(get_prometheus_registry(), layer_to_pool, config.num_experts,
                                    self.settings.metrics_interval)
