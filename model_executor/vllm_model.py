@@ -51,6 +51,13 @@ from .settings import setting
 from .steering.table import SteeringTable
 
 
+# vLLM's expert parallelism shards each FusedMoE layer's own experts across ranks and
+# dispatches that layer's tokens all-to-all (EPLB rebalances per layer); a shared pool is one
+# expert set for many layers, which that machinery does not model. Refused, never ignored.
+EXPERT_PARALLEL_REFUSED = ("--enable-expert-parallel is not supported for shared expert pools (UniPool, grouped "
+                           "pools): shard pools with tensor parallelism (--tensor-parallel-size) instead")
+
+
 class UniPoolAttention(nn.Module):
     """LLaMA attention: fused QKV, RoPE, paged attention, output projection (no biases)."""
 
@@ -164,6 +171,8 @@ class UniPoolModel(nn.Module):
         super().__init__()
         config: UniPoolConfig = vllm_config.model_config.hf_config
         self.config = config
+        if vllm_config.parallel_config.enable_expert_parallel:
+            raise ValueError(EXPERT_PARALLEL_REFUSED)
         dtype = vllm_config.model_config.dtype
         self.moe_backend = select_backend(current_platform.device_type, dtype, config.hidden_size)
         tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()

@@ -112,8 +112,21 @@ def _vllm_args(ours: argparse.Namespace, rest: list[str], model: str):
         if value not in (None, 1):
             raise ValueError(f"{flag} {value} is not supported: steering profiles live in one API process "
                              "and one engine (scale out with more replicas instead)")
+    if getattr(args, "enable_expert_parallel", False) and _model_type(model) == "unipool":
+        from unipool_serve.model_executor.vllm_model import EXPERT_PARALLEL_REFUSED
+
+        raise ValueError(EXPERT_PARALLEL_REFUSED)
     size_cpu_kv_cache(args)
     return args
+
+
+def _model_type(model: str) -> str | None:
+    import json
+
+    try:
+        return json.loads((Path(model) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def size_cpu_kv_cache(args) -> None:

@@ -118,8 +118,15 @@ class UniPoolEndpointPlugin:
         if missing:
             raise RuntimeError(f"unipool_api: API keys are bound to steering profile(s) {missing}, which are not "
                                f"loaded from {self.settings.steering_dir}: refusing to serve them unsteered")
+        parallel = engine_client.vllm_config.parallel_config
+        capture_refused = None
+        if parallel.pipeline_parallel_size > 1:
+            capture_refused = "routing capture is not served with pipeline parallelism (each stage sees its own layers)"
+        elif not setting("UNIPOOL_ROUTING_CAPTURE"):
+            capture_refused = "routing capture is off on this server (UNIPOOL_ROUTING_CAPTURE=0)"
         SteeringEnforcer(store, secret, on_admit=self._count_request, on_refuse=self._count_error,
-                         max_capture_bytes=self.settings.max_capture_bytes).install(engine_client.engine_core)
+                         max_capture_bytes=self.settings.max_capture_bytes,
+                         capture_refused=capture_refused).install(engine_client.engine_core)
         layer_to_pool = [config.layer_to_pool(l) for l in range(config.num_hidden_layers)]
         self.metrics = PoolMetrics(get_prometheus_registry(), layer_to_pool, config.num_experts,
                                    self.settings.metrics_interval)

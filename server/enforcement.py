@@ -105,10 +105,12 @@ class SteeringEnforcer:
     """Wraps the engine-core client's `add_request_async` (see the module doc)."""
 
     def __init__(self, store: ProfileStore, secret: bytes, on_admit: Callable[[str | None], None] | None = None,
-                 on_refuse: Callable[[str], None] | None = None, max_capture_bytes: int = 64 << 20):
+                 on_refuse: Callable[[str], None] | None = None, max_capture_bytes: int = 64 << 20,
+                 capture_refused: str | None = None):
         self.store, self.secret = store, secret
         self.on_admit, self.on_refuse = on_admit, on_refuse
         self.max_capture_bytes = max_capture_bytes
+        self.capture_refused = capture_refused  # why this engine cannot capture routing (None: it can)
 
     def install(self, engine_core) -> None:
         submit = engine_core.add_request_async
@@ -165,6 +167,8 @@ class SteeringEnforcer:
     def _mark_for_capture(self, request, params, ctx: RequestContext) -> None:
         from unipool_serve.model_executor.routing_capture import CAPTURE_LOGITS
 
+        if self.capture_refused is not None:
+            raise SteeringRefused(400, self.capture_refused, "capture_unsupported")
         config = self.store.config
         if ctx.capture & CAPTURE_LOGITS:
             tokens = len(request.prompt_token_ids or ()) + (params.max_tokens or 0) - 1

@@ -65,7 +65,9 @@ class PoolMetrics:
         """Read the engine's cumulative counts; returns (and keeps) the total since serving started."""
         async with self._reading:
             results = await engine_client.collective_rpc(RPC_ROUTING_STATS)
-        counts = torch.as_tensor(results[0], dtype=torch.int64)  # [L, E]; every TP rank routes alike
+        # [L, E] per worker: TP ranks of a stage count alike, other pipeline stages count zero for
+        # layers they do not hold, so the elementwise max is each layer's count.
+        counts = torch.stack([torch.as_tensor(r, dtype=torch.int64) for r in results]).amax(0)
         if self.baseline is None:
             self.baseline = counts.clone()
         self.total = counts - self.baseline

@@ -34,6 +34,7 @@ import logging
 from collections.abc import Hashable
 
 import numpy as np
+from vllm.distributed import get_pp_group
 from vllm.platforms import current_platform
 
 from ..routing_capture import CapturedRequests
@@ -202,6 +203,13 @@ class SteeringWorker(_PlatformWorker):
     def compile_or_warm_up_model(self, *args, **kwargs):
         result = super().compile_or_warm_up_model(*args, **kwargs)
         self._table().index.zero_()
+        runner = self.model_runner
+        # vLLM's CPU worker skips the dummy run when eager with an explicit KV-cache size, and
+        # the dummy run is what allocates a later pipeline stage's receive buffers: without
+        # them the first real step of that stage fails. Allocate them as the dummy run would.
+        if getattr(runner, "intermediate_tensors", False) is None and not get_pp_group().is_first_rank:
+            runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+                batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
         return result
 
     # ---- RPCs (steering/contract.py) -----------------------------------------
