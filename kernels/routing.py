@@ -128,7 +128,7 @@ def fused_route(
     assert 1 <= num_experts <= MAX_EXPERTS, f"E={num_experts} outside 1..{MAX_EXPERTS}"
     assert 1 <= top_k <= num_experts, f"top_k={top_k} must be in 1..E={num_experts}"
     if steering is not None:
-        index, bias_table, mask_table = steering
+        index, bias_table, mask_table = steering.index, steering.bias, steering.mask
         assert index.shape == (num_tokens,) and index.dtype == torch.int32 and index.is_contiguous()
         for name, table, dtype in (("bias", bias_table, torch.float32), ("mask", mask_table, torch.int8)):
             assert table.dim() == 3 and table.shape[2] == num_experts, f"{name} must be [P+1, L, E]: {tuple(table.shape)}"

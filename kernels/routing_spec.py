@@ -76,8 +76,12 @@ class SteeringView(NamedTuple):
 
     index [T] int32 (the token's row; 0 = none); bias [P+1, L, E] fp32 (alpha folded in);
     mask [P+1, L, E] int8 (+1 include, -1 exclude); row 0 of both is all zeros.
+    routed_scale [P+1] fp32: what multiplies the routed experts' gates (0 = a routed budget of
+    zero: the request runs on the shared experts alone; row 0 = 1). None where a model's
+    routing does not read it.
     """
 
     index: torch.Tensor
     bias: torch.Tensor
     mask: torch.Tensor
+    routed_scale: torch.Tensor | None = None

@@ -3,6 +3,9 @@
   unipool-steering create --model DIR --json profile.json --out NAME.safetensors
   unipool-steering create --model DIR --name NAME --bias bias.npy --alpha 1.5 --out NAME.safetensors
   unipool-steering show NAME.safetensors [--model DIR]
+
+--model reads the shapes (layers, experts, top-k, router kind, layers without experts) from
+the folder's config.json: a UniPool model or any of vLLM's MoE families steering supports.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import UniPoolConfig
 from .profile import SteeringProfile, SteeringProfileError
+from .shape import SteerableModel
 
 
 def _load_array(path: Path) -> torch.Tensor:
@@ -34,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="write a profile for a model folder")
     create.add_argument("--model", required=True, type=Path, help="model folder (its config.json)")
-    create.add_argument("--json", type=Path, help="JSON description: name, description, alpha, bias, include, exclude")
+    create.add_argument("--json", type=Path,
+                        help="JSON description: name, description, alpha, bias, include, exclude, expert_budget")
     create.add_argument("--name", help="profile name (overrides the JSON)")
     create.add_argument("--bias", type=Path, help="[layers, experts] array as .npy or .pt")
     create.add_argument("--alpha", type=float, help="strength (overrides the JSON)")
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        config = UniPoolConfig.from_pretrained(str(args.model)) if args.model else None
+        config = SteerableModel.from_folder(args.model) if args.model else None
         if args.command == "show":
             profile = SteeringProfile.load(args.path, config)
         else:
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             profile = SteeringProfile.from_description(desc, config)
             profile.save(args.out)
             print(f"wrote {args.out}")
-    except (SteeringProfileError, OSError, json.JSONDecodeError) as exc:
+    except (SteeringProfileError, ValueError, OSError) as exc:  # ValueError: bad JSON, unsupported model
         print(f"unipool-steering: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(profile.summary(), indent=2))

@@ -11,7 +11,8 @@ worker cannot refuse a request: an exception there would stop the engine for eve
 
 Worker RPCs (`collective_rpc`), all authenticated by the same secret where they change state:
   RPC_SET_SECRET(secret_hex)                        once; a second, different secret is refused
-  RPC_SET_PROFILE(slot, bias, mask, digest, auth)   write (or clear, bias None) one table row
+  RPC_SET_PROFILE(slot, bias, mask, digest, auth, routed_scale)
+                                                    write (or clear, bias None) one table row
   RPC_ROUTING_STATS()                               cumulative [L, E] routing counts
   RPC_STEERING_ROWS()                               {slot: digest} (tests, debugging)
 """
@@ -85,10 +86,10 @@ def set_profile_args(secret: bytes, slot: int, profile) -> tuple:
     clearing it (profile None). Plain lists: tensors do not survive the engine core's
     re-pickling to the workers."""
     if profile is None:
-        return (slot, None, None, None, profile_auth(secret, slot, None))
+        return (slot, None, None, None, profile_auth(secret, slot, None), 1.0)
     row_digest = digest(profile.content_hash())
     return (slot, profile.bias_rows().tolist(), profile.mask_rows().tolist(), row_digest,
-            profile_auth(secret, slot, row_digest))
+            profile_auth(secret, slot, row_digest), profile.routed_scale())
 
 
 def cache_salt(secret: bytes, content_hash: str, user_salt: str | None) -> str:

@@ -7,6 +7,8 @@ all zero routes exactly as an unsteered model.
   index  [max_tokens]     int32  row of each token of the current step (0 = none)
   bias   [P_max+1, L, E]  fp32   MASCing bias rows, alpha folded in (row 0 = zeros)
   mask   [P_max+1, L, E]  int8   SteerMoE rows, +1 include / -1 exclude (row 0 = zeros)
+  routed_scale [P_max+1]  fp32   what multiplies the routed gates: 0 for a profile with a
+                                 routed budget of zero (shared experts only), else 1 (row 0 = 1)
 
 The table also records which profile content each row holds (`digests`, see
 contract.digest), so a request admitted with a row that has since been rewritten is never
@@ -45,29 +47,32 @@ class SteeringTable(nn.Module):
         shape = (max_profiles + 1, num_layers, num_experts)
         self.register_buffer("bias", torch.zeros(shape, dtype=torch.float32), persistent=False)
         self.register_buffer("mask", torch.zeros(shape, dtype=torch.int8), persistent=False)
+        self.register_buffer("routed_scale", torch.ones(max_profiles + 1, dtype=torch.float32), persistent=False)
         self.digests: dict[int, str] = {}  # row -> digest of the profile it holds
 
     def view(self, num_tokens: int) -> SteeringView | None:
         """What the routers of this step read (None when steering is built off)."""
         if not self.enabled:
             return None
-        return SteeringView(self.index[:num_tokens], self.bias, self.mask)
+        return SteeringView(self.index[:num_tokens], self.bias, self.mask, self.routed_scale)
 
     # ---- rows (written by the worker's RPCs) ----------------------------------
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot <= self.max_profiles:
             raise ValueError(f"steering row {slot} outside 1..{self.max_profiles}")
 
-    def set_row(self, slot: int, bias, mask, row_digest: str) -> None:
+    def set_row(self, slot: int, bias, mask, row_digest: str, routed_scale: float = 1.0) -> None:
         self._check_slot(slot)
         self.bias[slot].copy_(torch.as_tensor(bias, dtype=torch.float32))
         self.mask[slot].copy_(torch.as_tensor(mask, dtype=torch.int8))
+        self.routed_scale[slot] = float(routed_scale)
         self.digests[slot] = row_digest
 
     def clear_row(self, slot: int) -> None:
         self._check_slot(slot)
         self.bias[slot].zero_()
         self.mask[slot].zero_()
+        self.routed_scale[slot] = 1.0
         self.digests.pop(slot, None)
 
     def holds(self, slot: int, row_digest: str) -> bool:

@@ -22,7 +22,8 @@ process's enforcement point and that row still holds the signed digest
 exception here would stop the engine for every request).
 
 The model exposes two attributes this worker reads: `steering` (a SteeringTable) and
-`routing_counts` (a RoutingCounts).
+`routing_counts` (a RoutingCounts). Our own model builds them; a model of one of vLLM's MoE
+families gets them, and steering at its routers, from steering/family_hooks.py when it loads.
 """
 
 from __future__ import annotations
@@ -160,6 +161,10 @@ class SteeringWorker(_PlatformWorker):
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
         runner = self.model_runner
+        if not hasattr(runner.get_model(), "steering"):  # one of vLLM's own families
+            from .family_hooks import attach
+
+            attach(runner.get_model(), self.vllm_config)
         self._steering_rows = RequestRows(runner.get_model().steering)
         if hasattr(runner, "_model_forward"):
             V1StepHook(runner, self._steering_rows)
@@ -185,15 +190,17 @@ class SteeringWorker(_PlatformWorker):
             raise PermissionError("this engine already holds another API process's steering secret")
         rows.secret = secret
 
-    def unipool_set_profile(self, slot: int, bias, mask, row_digest: str | None, auth: str) -> None:
-        """Write (or clear, when bias is None) one table row in place; `auth` proves the caller."""
+    def unipool_set_profile(self, slot: int, bias, mask, row_digest: str | None, auth: str,
+                            routed_scale: float = 1.0) -> None:
+        """Write (or clear, when bias is None) one table row in place; `auth` proves the caller (the
+        digest it signs covers the routed budget too: steering/profile.py's content hash)."""
         secret = self._steering_rows.secret
         if secret is None or not hmac.compare_digest(auth, contract.profile_auth(secret, slot, row_digest)):
             raise PermissionError("steering rows are written only by the API process that set the secret")
         if bias is None:
             self._table().clear_row(slot)
         else:
-            self._table().set_row(slot, bias, mask, row_digest)
+            self._table().set_row(slot, bias, mask, row_digest, routed_scale)
 
     def unipool_routing_stats(self):
         """Cumulative token-slots per (layer, expert) as nested lists, [L, E]."""
