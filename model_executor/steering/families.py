@@ -48,6 +48,8 @@ def _deepseek_moe_layer(config, layer: int) -> bool:
 
 def _deepseek_kind(config) -> str:
     scoring = getattr(config, "scoring_func", "softmax")  # vLLM's default when the config has none
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"{config.architectures[0]}: scoring_func={scoring!r} cannot be steered (softmax or sigmoid)")
     return f"grouped-{scoring}" + ("-bias" if getattr(config, "topk_method", None) == "noaux_tc" else "")
 
 

@@ -56,11 +56,21 @@ class GateHook:
         return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
 
+def grouped_rule(router) -> dict:
+    """grouped_select's constants, read from vLLM's router object (CPURouter, GroupedTopKRouter; a
+    router vLLM chose because the grouping is degenerate has no group fields: one group)."""
+    return dict(top_k=router.top_k, num_groups=getattr(router, "num_expert_group", None) or 1,
+                topk_groups=getattr(router, "topk_group", None) or 1, scoring=router.scoring_func,
+                correction_bias=getattr(router, "e_score_correction_bias", None),
+                renormalize=router.renormalize, scaling=router.routed_scaling_factor)
+
+
 class RouterTap:
     """Wraps one FusedMoE router's `select_experts` (see the module doc)."""
 
     def __init__(self, router, table: SteeringTable, counts: RoutingCounts, layer: int, grouped: bool):
-        self.router, self.table, self.counts, self.layer, self.grouped = router, table, counts, layer, grouped
+        self.table, self.counts, self.layer = table, counts, layer
+        self.rule = grouped_rule(router) if grouped else None  # None: vLLM's selection already honours the logits
         original = router.select_experts
 
         def select_experts(hidden_states, router_logits, topk_indices_dtype=None, **kwargs):
@@ -73,12 +83,8 @@ class RouterTap:
         view = self.table.view(logits.shape[0])
         if view is not None:
             rows = view.index.long()  # [T]
-            if self.grouped:
-                r = self.router
-                w, i = grouped_select(
-                    logits, view.mask[rows, self.layer], top_k=r.top_k, num_groups=r.num_expert_group or 1,
-                    topk_groups=r.topk_group or 1, scoring=r.scoring_func, correction_bias=r.e_score_correction_bias,
-                    renormalize=r.renormalize, scaling=r.routed_scaling_factor)
+            if self.rule is not None:
+                w, i = grouped_select(logits, view.mask[rows, self.layer], **self.rule)
                 steered = (rows != 0)[:, None]
                 weights = torch.where(steered, w.to(weights.dtype), weights)
                 ids = torch.where(steered, i.to(ids.dtype), ids)
@@ -92,11 +98,6 @@ def attach(model: torch.nn.Module, vllm_config) -> Family:
     hf_config = vllm_config.model_config.hf_config
     family = family_of(hf_config)
     shape = family.describe(hf_config)
-    if shape.router_kind.startswith("grouped-") and shape.router_kind not in ("grouped-softmax",
-                                                                             "grouped-sigmoid-bias",
-                                                                             "grouped-sigmoid"):
-        raise ValueError(f"{shape.architecture}: router kind {shape.router_kind!r} cannot be steered "
-                         "(scoring_func must be softmax or sigmoid)")
     device = next(model.parameters()).device
     max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens,
                      vllm_config.compilation_config.max_cudagraph_capture_size or 0)
@@ -112,6 +113,10 @@ def attach(model: torch.nn.Module, vllm_config) -> Family:
             continue
         getattr(block, family.gate).register_forward_hook(GateHook(model.steering, layer_index))
         RouterTap(block.experts.router, model.steering, model.routing_counts, layer_index, grouped)
+        if getattr(block.experts, "is_monolithic", False):
+            logger.warning("layer %d: vLLM chose a monolithic MoE kernel, which never calls the router: its logits "
+                           "are steered, but routing counts, routed budgets and grouped selection do not apply",
+                           layer_index)
         hooked += 1
     logger.info("steering %s: %d MoE layers hooked (router kind %s, dense layers %s)", shape.architecture, hooked,
                 shape.router_kind, list(shape.dense_layers))

@@ -196,13 +196,22 @@ class SteeringProfile:
                 f"{model.architecture} {theirs}, router {model.router_kind}, fingerprint {model.fingerprint}: "
                 f"make the profile again with `unipool-steering create --model <this model's folder>`"
             )
-        if self.dense_layers != model.dense_layers and self.router_kind:
-            raise SteeringProfileError(f"profile {self.name!r}: dense layers {list(self.dense_layers)} differ from this "
-                                       f"model's {list(model.dense_layers)}")
+        if self.dense_layers != model.dense_layers:
+            # a file that did not record them (written before they were) is checked against the model's
+            steered = [l for l in model.dense_layers if self.include.get(l) or self.exclude.get(l)
+                       or (self.bias[l] != 0).any()]
+            if steered or self.router_kind:
+                raise SteeringProfileError(
+                    f"profile {self.name!r}: dense layers {list(self.dense_layers)} differ from this model's "
+                    f"{list(model.dense_layers)}" + (f"; it steers layer(s) {steered}, which have no experts here"
+                                                     if steered else ""))
         if self.expert_budget is not None and not model.shared_experts:
             raise SteeringProfileError(
                 f"profile {self.name!r}: expert_budget.top_k=0 leaves no expert at all: {model.architecture} has no "
                 "shared experts")
+        if self.expert_budget is not None and model.is_unipool:
+            raise SteeringProfileError(f"profile {self.name!r}: expert_budget is implemented for vLLM's MoE families "
+                                       "only so far, not for UniPool models")
 
     # ---- what the engine uses ---------------------------------------------
     def bias_rows(self) -> torch.Tensor:

@@ -206,3 +206,26 @@ def test_pool_metrics_skip_dense_layers_and_cap_expert_series():
     assert set(small.layer_imbalance) == {1, 2} and set(small.pool_active) == {1, 2}
     big = PoolMetrics(CollectorRegistry(), [None, 1, 2], 8, 5.0, max_expert_series=15)
     assert not [f for f in big.collect() if f.name == "unipool_expert_tokens"][0].samples
+
+
+def test_cli_reads_shapes_from_a_family_folder(tmp_path, capsys):
+    import json
+
+    from unipool_serve.demo.tiny_families import write_family_model
+    from unipool_serve.model_executor.steering.cli import main
+
+    folder = write_family_model(tmp_path / "ds", "DeepseekV3ForCausalLM", seed=1)
+    (tmp_path / "p.json").write_text(json.dumps({"name": "alone", "expert_budget": {"top_k": 0},
+                                                 "exclude": {"1": [3]}}))
+    assert main(["create", "--model", str(folder), "--json", str(tmp_path / "p.json"),
+                 "--out", str(tmp_path / "alone.safetensors")]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert (summary["router_kind"], summary["dense_layers"], summary["num_experts"]) == ("grouped-sigmoid-bias", [0], 8)
+    (tmp_path / "bad.json").write_text(json.dumps({"name": "bad", "include": {"0": [1]}}))
+    assert main(["create", "--model", str(folder), "--json", str(tmp_path / "bad.json"),
+                 "--out", str(tmp_path / "bad.safetensors")]) == 2
+    assert "layer 0 has no experts" in capsys.readouterr().err
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    assert main(["show", str(tmp_path / "alone.safetensors"), "--model", str(tmp_path / "cfg")]) == 2
+    assert "cannot be steered" in capsys.readouterr().err
