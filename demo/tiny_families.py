@@ -4,11 +4,14 @@ model classes (for tests and benchmarks; nothing is downloaded).
 Shapes are vLLM-CPU friendly (head dim 32 or 64, widths multiples of 32) and small enough for
 an engine to start in seconds. Two rewrites, both forced by what vLLM 0.32 accepts:
   - Phi-MoE: transformers saves `PhimoeForCausalLM`; vLLM maps only `PhiMoEForCausalLM`.
-  - DeepSeek: the non-MLA variant (kv_lora_rank=None, qk_nope/rope dims 0), which vLLM serves
-    with plain multi-head attention (deepseek_v2.py's DeepseekAttention). transformers'
-    DeepSeek classes always build MLA attention, so the model written here (and the reference
-    the tests build, `load_reference`) keeps transformers' DeepSeek MoE, routers and MLPs and
-    swaps in transformers' Llama attention and rotary embedding, which compute what vLLM's
+  - DeepSeek: the non-MLA variant (qk_nope/qk_rope dims 0), which vLLM serves with plain
+    multi-head attention (deepseek_v2.py's DeepseekAttention) when started with
+    VLLM_MLA_DISABLE=1. kv_lora_rank=None would say "no MLA" by itself, but transformers
+    5.19's DeepSeek configs refuse it ("Field 'kv_lora_rank' expected int, got NoneType"), so
+    it stays an int that nothing uses. transformers' DeepSeek classes always build MLA
+    attention, so the model written here (and the reference the tests build,
+    `load_reference`) keeps transformers' DeepSeek MoE, routers and MLPs and swaps in
+    transformers' Llama attention and rotary embedding, which compute what vLLM's
     DeepseekAttention computes.
 """
 

@@ -26,15 +26,12 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from . import contract
+from .profile_checks import SteeringProfileError, check_budget, check_dense_layers, check_model
 from .shape import SteerableModel
 
 FORMAT = "unipool-steering/1"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
-
-
-class SteeringProfileError(ValueError):
-    """A profile that cannot be used; the message names the problem."""
 
 
 def check_name(name: str) -> str:
@@ -146,72 +143,18 @@ class SteeringProfile:
                     f"leaving fewer than top_k={self.top_k} (to run on the shared experts alone, use "
                     '"expert_budget": {"top_k": 0} instead)'
                 )
-        self._check_dense_layers()
-        self._check_budget()
+        check_dense_layers(self)
+        check_budget(self)
         if config is not None:
             self.check_model(config)
         return self
-
-    def _check_dense_layers(self) -> None:
-        self.dense_layers = tuple(sorted(int(l) for l in self.dense_layers))
-        for layer in self.dense_layers:
-            if not 0 <= layer < self.num_layers:
-                raise SteeringProfileError(f"profile {self.name!r}: dense layer {layer} outside 0..{self.num_layers - 1}")
-            steered = [kind for kind, sets in (("include", self.include), ("exclude", self.exclude)) if sets.get(layer)]
-            if (self.bias[layer] != 0).any():
-                steered.append("bias")
-            if steered:
-                raise SteeringProfileError(
-                    f"profile {self.name!r}: layer {layer} has no experts (a dense layer of {self.architecture or 'this model'}), "
-                    f"but the profile sets {'/'.join(steered)} there: leave that layer empty")
-
-    def _check_budget(self) -> None:
-        if self.expert_budget is None:
-            return
-        if not isinstance(self.expert_budget, dict) or set(self.expert_budget) != {"top_k"}:
-            raise SteeringProfileError(f'profile {self.name!r}: expert_budget must be {{"top_k": 0}}, got {self.expert_budget!r}')
-        k = self.expert_budget["top_k"]
-        if k != 0 or isinstance(k, bool):
-            raise SteeringProfileError(
-                f"profile {self.name!r}: expert_budget.top_k={k!r}: only 0 (shared experts alone) is supported; "
-                "other budgets are not implemented yet")
-        if self.include:
-            raise SteeringProfileError(f"profile {self.name!r}: include has no effect with expert_budget.top_k=0 "
-                                       "(no routed expert runs): remove it")
 
     def routed_scale(self) -> float:
         """What multiplies the routed experts' gates in the engine (0: shared experts alone)."""
         return 0.0 if self.expert_budget is not None else 1.0
 
     def check_model(self, config) -> None:
-        model = SteerableModel.of(config)
-        mine = (self.num_layers, self.num_experts, self.top_k)
-        theirs = (model.num_layers, model.num_experts, model.top_k)
-        kind_differs = bool(self.router_kind) and self.router_kind != model.router_kind
-        if mine != theirs or self.config_fingerprint != model.fingerprint or kind_differs:
-            made_for = f"{self.architecture} " if self.architecture else ""
-            raise SteeringProfileError(
-                f"profile {self.name!r} was made for another model: {made_for}(layers, experts, top_k)={mine}, "
-                f"router {self.router_kind or 'unrecorded'}, fingerprint {self.config_fingerprint}; this model is "
-                f"{model.architecture} {theirs}, router {model.router_kind}, fingerprint {model.fingerprint}: "
-                f"make the profile again with `unipool-steering create --model <this model's folder>`"
-            )
-        if self.dense_layers != model.dense_layers:
-            # a file that did not record them (written before they were) is checked against the model's
-            steered = [l for l in model.dense_layers if self.include.get(l) or self.exclude.get(l)
-                       or (self.bias[l] != 0).any()]
-            if steered or self.router_kind:
-                raise SteeringProfileError(
-                    f"profile {self.name!r}: dense layers {list(self.dense_layers)} differ from this model's "
-                    f"{list(model.dense_layers)}" + (f"; it steers layer(s) {steered}, which have no experts here"
-                                                     if steered else ""))
-        if self.expert_budget is not None and not model.shared_experts:
-            raise SteeringProfileError(
-                f"profile {self.name!r}: expert_budget.top_k=0 leaves no expert at all: {model.architecture} has no "
-                "shared experts")
-        if self.expert_budget is not None and model.is_unipool:
-            raise SteeringProfileError(f"profile {self.name!r}: expert_budget is implemented for vLLM's MoE families "
-                                       "only so far, not for UniPool models")
+        check_model(self, config)
 
     # ---- what the engine uses ---------------------------------------------
     def bias_rows(self) -> torch.Tensor:
