@@ -21,7 +21,7 @@ pytestmark = pytest.mark.server
 
 ARCH = "Qwen2MoeForCausalLM"
 API_KEY, BOUND_KEY, ADMIN_KEY = "user-key", "bound-key", "admin-key"
-_SAMPLE = re.compile(r'^unipool_expert_tokens_total\{pool="(\d+)",expert="(\d+)"\} (\S+)$', re.MULTILINE)
+_SAMPLE = re.compile(r'^unipool_expert_tokens_total\{([^}]*)\} (\S+)$', re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +43,21 @@ def served(tmp_path_factory):
 
 def _routing(url) -> dict[tuple[int, int], float]:
     text = httpx.get(f"{url}/metrics", timeout=60).text
-    return {(int(p), int(e)): float(v) for p, e, v in _SAMPLE.findall(text)}
+    out = {}
+    for labels, value in _SAMPLE.findall(text):
+        found = dict(re.findall(r'(\w+)="(\d+)"', labels))
+        out[int(found["pool"]), int(found["expert"])] = float(value)
+    return out
 
 
-def _complete(url, key, steering=None) -> str:
-    body = {"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}
+def _complete(url, key, steering=None) -> list[float]:
+    """The greedy tokens' logprobs (a tiny random model may repeat one token whatever runs)."""
+    body = {"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0, "logprobs": 1}
     if steering:
         body["steering"] = steering
     r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
     assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
+    return r.json()["choices"][0]["logprobs"]["token_logprobs"]
 
 
 def test_ready_and_bound_key_never_routes_to_the_excluded_expert(served):
