@@ -11,6 +11,8 @@ Each variant generates `--requests` requests of `--prompt` + `--tokens` tokens (
 ignore_eos) `--repeats` times after one warm-up round; the statistic is the median output
 tokens/s over the repeats, and the ratios are against plain's median. Compiled by default
 (vLLM CPU's torch.compile); --eager for quick runs; --smoke for a tiny, one-repeat check.
+The steered variant also checks, on the routing counts, that its exclude and include profiles
+are honoured (under torch.compile the gate hooks are traced into the graph).
 
 Usage:  .venv/bin/python benchmarks/bench_family_steering.py [--out docs/bench_family_steering.json]
 """
@@ -83,10 +85,32 @@ def run_variant(folder: Path, variant: str, args) -> dict:
         seconds = time.perf_counter() - start
         if repeat:
             rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / seconds)
+    result = {"tokens_per_s": rates, "median": statistics.median(rates)}
+    if variant == "worker-steered":
+        result["steering_honoured"] = steering_honoured(llm, steering, args)
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-    return {"tokens_per_s": rates, "median": statistics.median(rates)}
+    return result
+
+
+def steering_honoured(llm, steering, args) -> bool:
+    """The exclude and include profiles, alone, checked on the routing counts (compiled graphs too)."""
+    import torch
+    from vllm import SamplingParams
+
+    def counts():
+        return torch.tensor(llm.collective_rpc("unipool_routing_stats")[0])  # [L, E]
+
+    prompt = [{"prompt_token_ids": [3 + j for j in range(args.prompt)]}]
+    computed = args.prompt + args.tokens - 1
+    ok = True
+    for name, expert, expected in (("exclude", 0, 0), ("include", 1, computed)):
+        before = counts()
+        llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True,
+                                            extra_args=steering.extra_args(name)), use_tqdm=False)
+        ok &= bool(((counts() - before)[:, expert] == expected).all())
+    return ok
 
 
 def main() -> None:
@@ -116,7 +140,8 @@ def main() -> None:
         base = by_variant["plain"]["median"]
         for variant, r in by_variant.items():
             r["ratio"] = r["median"] / base
-            print(f"{arch:<22} {variant:<16} {r['median']:>13.1f} {r['ratio']:>9.3f}")
+            honoured = {True: "  steering honoured", False: "  STEERING NOT HONOURED"}.get(r.get("steering_honoured"), "")
+            print(f"{arch:<22} {variant:<16} {r['median']:>13.1f} {r['ratio']:>9.3f}{honoured}")
     if args.out:
         meta = {k: getattr(args, k) for k in ("layers", "hidden", "width", "top_k", "requests", "prompt", "tokens",
                                               "repeats", "eager", "smoke")}

@@ -32,9 +32,9 @@ PLAIN_CHECKED = ("MixtralForCausalLM", "DeepseekV3ForCausalLM")
 BATCH_NAMES = [None, "bias", "exclude", "include", "bias", None, "include", "exclude"]
 
 
-# vLLM 0.32's CPU build serves the tiny Phi-MoE with token 0 at every step, with or without the
-# steering worker (transformers' model does not): its hook and routing are covered by
-# tests/unit/test_family_steering.py instead (docs/steering-vllm-models.md).
+# vLLM 0.32's CPU build gives the tiny Phi-MoE the same next-token distribution at every position,
+# with or without the steering worker (transformers' model does not): its hook and routing are
+# covered by tests/unit/test_family_steering.py instead (docs/steering-vllm-models.md).
 ENGINE_FAMILIES = [a for a in TINY_FAMILIES if a != "PhiMoEForCausalLM"]
 # Each engine costs ~45-90 s to start on 2 cores, so CI runs one family per seam and router
 # kind; OLMoE (a gate in the model's MoE block, softmax: as Mixtral) and DeepSeek V1 (a gate
