@@ -79,6 +79,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("UNIPOOL_ADMIN_KEY", str.strip, "", "key allowed to upload and delete profiles, and admin routes"),
     Setting("UNIPOOL_STEERING_DIR", _folder, "", "folder of <name>.safetensors profiles loaded at start"),
     Setting("UNIPOOL_METRICS_INTERVAL", _seconds, "5", "seconds between the per-interval routing gauges"),
+    Setting("UNIPOOL_METRICS_MAX_EXPERT_SERIES", _count, "2048",
+            "largest pools x experts for which unipool_expert_tokens_total is exported (per-layer gauges always are)"),
     Setting("UNIPOOL_PUBLIC_PROFILE_DETAILS", _flag, "0",
             "1 shows every key a profile's digest and rows; by default only the admin key sees them"),
     Setting("UNIPOOL_MAX_CAPTURE_BYTES", _count, str(64 << 20),

@@ -8,7 +8,7 @@ fan-out. `SteeringEnforcer.install` wraps that one method; for each engine reque
   1. decides the effective profile: the API key's bound profile (mandatory), else the one
      the request asked for (the body's `steering` field, which the gateway captured into
      the request context, or `vllm_xargs.steering`), else none; and the expert budget: the
-     smallest of the request's `expert_budget.top_k` and the profile's `top_k_budget` (a
+     smallest of the request's `expert_budget.top_k` and the profile's (a
      request can lower its profile's budget, never raise it);
   2. removes every reserved `unipool_*` key a client could have placed in `extra_args` and
      writes its own, signed (model_executor/steering/contract.py);
@@ -37,6 +37,8 @@ from http import HTTPStatus
 import msgspec
 
 from unipool_serve.model_executor.steering import contract
+
+from unipool_serve.model_executor.steering.shape import SteerableModel
 
 from .profile_store import ProfileStore, UnknownProfile
 
@@ -91,11 +93,12 @@ def resolve_budget(asked: int | None, profile_budget: int | None, config) -> int
     given = [b for b in (asked, profile_budget) if b is not None]
     if not given:
         return None
-    budget, top_k = min(given), config.num_experts_per_tok
+    config = SteerableModel.of(config)
+    budget, top_k = min(given), config.top_k
     if budget > top_k:
         raise SteeringRefused(400, f"expert_budget.top_k={budget} exceeds the model's top_k={top_k}",
                               "invalid_expert_budget")
-    if budget == 0 and not getattr(config, "shared_expert_intermediate_size", 0):
+    if budget == 0 and not config.shared_experts:
         raise SteeringRefused(400, "expert_budget.top_k=0 leaves nothing to compute: this model has no shared "
                               "expert", "invalid_expert_budget")
     return None if budget == top_k else budget
@@ -148,7 +151,8 @@ class SteeringEnforcer:
                 active = self.store.get(name)
             except UnknownProfile as exc:
                 raise SteeringRefused(400, str(exc), exc.code) from None
-        budget = resolve_budget(ctx.budget, active.profile.top_k_budget if active else None, self.store.config)
+        profile_budget = (active.profile.expert_budget or {}).get("top_k") if active else None
+        budget = resolve_budget(ctx.budget, profile_budget, self.store.config)
         if active is not None or budget is not None or ctx.capture:
             slot, content = (active.slot, active.content_hash) if active else (0, "")
             row_digest = contract.digest(content)
@@ -169,10 +173,10 @@ class SteeringEnforcer:
 
         if self.capture_refused is not None:
             raise SteeringRefused(400, self.capture_refused, "capture_unsupported")
-        config = self.store.config
+        model = SteerableModel.of(self.store.config)
         if ctx.capture & CAPTURE_LOGITS:
             tokens = len(request.prompt_token_ids or ()) + (params.max_tokens or 0) - 1
-            size = max(tokens, 0) * config.num_hidden_layers * config.num_experts * 2  # float16
+            size = max(tokens, 0) * model.num_layers * model.num_experts * 2  # float16
             if size > self.max_capture_bytes:
                 raise SteeringRefused(400, f"return_router_logits would capture {size} bytes for this request "
                                       f"(prompt + max_tokens); the server's limit is {self.max_capture_bytes} bytes "

@@ -24,7 +24,9 @@ exception here would stop the engine for every request).
 The model exposes the attributes this worker reads: `steering` (a SteeringTable),
 `routing_counts` (a RoutingCounts) and, for per-request routing capture,
 `routing_capture` (a RoutingCapture; the V1 hook copies the capturing requests' rows out
-after each forward, model_executor/routing_capture.py; the V2 hook does not capture).
+after each forward, model_executor/routing_capture.py; the V2 hook does not capture). Our
+own model builds them; a model of one of vLLM's MoE families gets the first two, and steering
+at its routers, from steering/family_hooks.py when it loads (no routing capture there).
 """
 
 from __future__ import annotations
@@ -189,6 +191,10 @@ class SteeringWorker(_PlatformWorker):
         super().load_model(*args, **kwargs)
         runner = self.model_runner
         model = runner.get_model()
+        if not hasattr(model, "steering"):  # one of vLLM's own families
+            from .family_hooks import attach
+
+            attach(model, self.vllm_config)
         capture = getattr(model, "routing_capture", None)
         captured = CapturedRequests(capture, capture.logits.shape[-1]) if capture is not None and capture.enabled \
             else None

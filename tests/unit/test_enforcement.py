@@ -121,7 +121,7 @@ def test_expert_budgets_resolve_to_the_smallest_and_are_signed_and_salted():
     store, core, _ = _setup()
     cfg2 = tiny_config(num_experts_per_tok=2, shared_expert_intermediate_size=64)
     store.config = cfg2
-    capped = SteeringProfile.for_config(cfg2, name="capped", top_k_budget=1)
+    capped = SteeringProfile.for_config(cfg2, name="capped", expert_budget={"top_k": 1})
     asyncio.run(store.add(capped, persist=False))
     sent = _submit(core, _request(), RequestContext(budget=1))  # a budget without a profile: row 0
     assert contract.verified_row(sent.sampling_params.extra_args, SECRET) == (0, "", 1, 0)
