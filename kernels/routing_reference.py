@@ -101,3 +101,76 @@ def route_with_table(
     rows = steering.index.long()
     return route(logits, spec, scale, bias=steering.bias[rows, layer], mask=steering.mask[rows, layer],
                  budget=steering.top_k)
+
+
+# ---- routers that are not ours (vLLM's model families) -----------------------------------
+# Their own code selects the experts; steering reaches them in one of two places.
+
+
+def steer_router_logits(logits: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """Steps 1-2 as a pure transform of a router's logits [T, E], for routers that select by logit
+    order (softmax top-k, top-k then softmax, sparsemixer): returns logits of the same dtype.
+
+    Included experts go JUST ABOVE the token's maximum steered logit over the non-excluded
+    experts (the next representable value of the logits' dtype), so a top-k that does not
+    know about them still ranks them first (SteerMoE's rule); excluded experts get -inf. A
+    zero bias row and an empty mask row return the logits unchanged, bit for bit.
+    """
+    z = steer_logits(logits.float(), None if bias is None else bias.float()).to(logits.dtype)
+    if mask is None:
+        return z
+    include, exclude = mask == INCLUDE, mask == EXCLUDE
+    ceiling = z.masked_fill(exclude, float("-inf")).amax(dim=-1, keepdim=True)
+    lifted = torch.nextafter(ceiling, torch.full_like(ceiling, float("inf")))
+    return torch.where(include, lifted, z).masked_fill(exclude, float("-inf"))
+
+
+def grouped_select(
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    scoring: str,
+    correction_bias: torch.Tensor | None = None,
+    renormalize: bool = False,
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2-5 on the SELECTION score, for grouped top-k routers (DeepSeek V2/V3), where a
+    logit of -inf does not keep an expert out (sigmoid gives it score 0, the correction bias
+    may still rank it first, and a chosen group may hold fewer than k usable experts).
+
+    logits: [T, E] already steered by steer_router_logits (includes lifted, excludes -inf).
+    key = score (+ correction bias). Groups are ranked as the model ranks them (sum of the
+    top-2 keys with a correction bias, else the max key), over non-excluded experts only;
+    groups holding an included expert come first. The k experts are then: included experts,
+    then the best keys inside the chosen groups, then (only if those groups run out of
+    non-excluded experts) the best keys outside them; excluded experts never. Gates are the
+    scores of the chosen experts (renormalised if asked) times `scaling`.
+    Returns (weights [T, k] fp32, ids [T, k] int64).
+    """
+    z = logits.float()
+    scores = torch.softmax(z, dim=-1) if scoring == "softmax" else torch.sigmoid(z)
+    key = scores if correction_bias is None else scores + correction_bias.float()
+    include, exclude = mask == INCLUDE, mask == EXCLUDE
+    T, E = key.shape
+    grouped = key.masked_fill(exclude, float("-inf")).view(T, num_groups, E // num_groups)
+    if correction_bias is not None:
+        group_scores = grouped.topk(min(2, E // num_groups), dim=-1).values.sum(dim=-1)
+    else:
+        group_scores = grouped.amax(dim=-1)
+    has_include = include.view(T, num_groups, -1).any(dim=-1)
+    group_scores = group_scores.masked_fill(has_include, float("inf"))
+    chosen = torch.zeros_like(group_scores, dtype=torch.bool)
+    chosen.scatter_(1, torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_groups], True)
+    in_group = chosen.repeat_interleave(E // num_groups, dim=1)
+    # tiers: 3 included, 2 inside the chosen groups, 1 outside them, 0 excluded; within a tier by key
+    tier = torch.where(include, 3, torch.where(exclude, 0, torch.where(in_group, 2, 1)))
+    by_key = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    by_tier = torch.sort(tier.gather(1, by_key), dim=-1, descending=True, stable=True).indices
+    ids = by_key.gather(1, by_tier)[:, :top_k]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return weights * scaling, ids

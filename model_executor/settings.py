@@ -71,14 +71,20 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "0 builds routers that never read the steering tables (engines that never steer)"),
     Setting("UNIPOOL_MAX_STEERING_PROFILES", _count, "16", "rows of the engine's steering tables"),
     Setting("UNIPOOL_ROUTING_STATS", _flag, "1", "0 turns off the per-layer, per-expert routing counts"),
+    Setting("UNIPOOL_ROUTING_CAPTURE", _flag, "1",
+            "0 builds models without the per-request routing capture buffers (capture requests are refused)"),
     Setting("UNIPOOL_MOE_CONFIG_DIR", _folder, "", "extra folder of tuned fused-MoE launch configs"),
     # the server (written by unipool-serve, read by the endpoint plugin)
     Setting("UNIPOOL_API_KEYS", _words, "", "comma-separated KEY or KEY=PROFILE (binds a mandatory profile)"),
     Setting("UNIPOOL_ADMIN_KEY", str.strip, "", "key allowed to upload and delete profiles, and admin routes"),
     Setting("UNIPOOL_STEERING_DIR", _folder, "", "folder of <name>.safetensors profiles loaded at start"),
     Setting("UNIPOOL_METRICS_INTERVAL", _seconds, "5", "seconds between the per-interval routing gauges"),
+    Setting("UNIPOOL_METRICS_MAX_EXPERT_SERIES", _count, "2048",
+            "largest pools x experts for which unipool_expert_tokens_total is exported (per-layer gauges always are)"),
     Setting("UNIPOOL_PUBLIC_PROFILE_DETAILS", _flag, "0",
             "1 shows every key a profile's digest and rows; by default only the admin key sees them"),
+    Setting("UNIPOOL_MAX_CAPTURE_BYTES", _count, str(64 << 20),
+            "largest router-logits capture one request may ask for (bytes)"),
 ]}
 
 
@@ -113,9 +119,11 @@ class ServerSettings:
     steering_dir: Path | None = None
     metrics_interval: float = 5.0
     public_profile_details: bool = False
+    max_capture_bytes: int = 64 << 20
 
     _ENV = {"api_keys": "UNIPOOL_API_KEYS", "admin_key": "UNIPOOL_ADMIN_KEY", "steering_dir": "UNIPOOL_STEERING_DIR",
-            "metrics_interval": "UNIPOOL_METRICS_INTERVAL", "public_profile_details": "UNIPOOL_PUBLIC_PROFILE_DETAILS"}
+            "metrics_interval": "UNIPOOL_METRICS_INTERVAL", "public_profile_details": "UNIPOOL_PUBLIC_PROFILE_DETAILS",
+            "max_capture_bytes": "UNIPOOL_MAX_CAPTURE_BYTES"}
 
     def export(self) -> None:
         """Write these settings into this process's environment (inherited by what it starts)."""

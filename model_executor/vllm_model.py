@@ -45,9 +45,17 @@ from .config import UniPoolConfig
 from .expert_pool import ExpertPool
 from .moe_backend import select_backend
 from .router import PoolRouter
+from .routing_capture import RoutingCapture
 from .routing_counts import RoutingCounts
 from .settings import setting
 from .steering.table import SteeringTable
+
+
+# vLLM's expert parallelism shards each FusedMoE layer's own experts across ranks and
+# dispatches that layer's tokens all-to-all (EPLB rebalances per layer); a shared pool is one
+# expert set for many layers, which that machinery does not model. Refused, never ignored.
+EXPERT_PARALLEL_REFUSED = ("--enable-expert-parallel is not supported for shared expert pools (UniPool, grouped "
+                           "pools): shard pools with tensor parallelism (--tensor-parallel-size) instead")
 
 
 class UniPoolAttention(nn.Module):
@@ -115,6 +123,7 @@ class UniPoolMoE(nn.Module):
         self.__dict__.update(pool=model.pools[config.layer_to_pool(layer_idx)],
                              router=model.routers[config.layer_to_router(layer_idx)],
                              steering=model.steering, routing_counts=model.routing_counts,
+                             routing_capture=model.routing_capture,
                              shared_expert=shared_expert)
         self.tp_size = get_tensor_model_parallel_world_size()
 
@@ -125,6 +134,7 @@ class UniPoolMoE(nn.Module):
         logits = self.router.logits(hidden_states)  # [T, E] fp32
         topk_ids, topk_weights = self.router.route(logits, self.layer_idx, steering, self.backend.route)  # [T, k]
         self.routing_counts.record(self.layer_idx, topk_ids)
+        self.routing_capture.record(self.layer_idx, topk_ids, logits)
         out = self.backend(hidden_states, self.pool, topk_ids, topk_weights)  # [T, H], this rank's F slice
         if self.shared_expert is not None:
             out = out + self.shared_expert(hidden_states)
@@ -161,6 +171,8 @@ class UniPoolModel(nn.Module):
         super().__init__()
         config: UniPoolConfig = vllm_config.model_config.hf_config
         self.config = config
+        if vllm_config.parallel_config.enable_expert_parallel:
+            raise ValueError(EXPERT_PARALLEL_REFUSED)
         dtype = vllm_config.model_config.dtype
         self.moe_backend = select_backend(current_platform.device_type, dtype, config.hidden_size)
         tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
@@ -174,6 +186,8 @@ class UniPoolModel(nn.Module):
                                       setting("UNIPOOL_STEERING"))
         self.routing_counts = RoutingCounts(config.num_hidden_layers, config.num_experts,
                                             setting("UNIPOOL_ROUTING_STATS"))
+        self.routing_capture = RoutingCapture(max_tokens, config.num_hidden_layers, config.num_experts,
+                                              config.num_experts_per_tok, setting("UNIPOOL_ROUTING_CAPTURE"))
         # This pipeline stage's layers; pools and routers no local layer uses are placeholders.
         from vllm.distributed.utils import get_pp_indices
         start, end = get_pp_indices(config.num_hidden_layers, get_pp_group().rank_in_group,
@@ -249,6 +263,10 @@ class UniPoolForCausalLM(nn.Module, SupportsPP):
     @property
     def routing_counts(self) -> RoutingCounts:
         return self.model.routing_counts
+
+    @property
+    def routing_capture(self) -> RoutingCapture:
+        return self.model.routing_capture
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

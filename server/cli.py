@@ -42,6 +42,9 @@ def our_parser() -> argparse.ArgumentParser:
     parser.add_argument("--public-profile-details", action="store_true",
                         help="show every key the content of the steering profiles (digest, per-layer rows); "
                              "by default only the admin key sees it")
+    parser.add_argument("--max-capture-bytes", type=int, default=64 << 20,
+                        help="largest router-logits capture (return_router_logits) one request may ask for, in "
+                             "bytes (default 64 MiB)")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--grace-period", type=int, default=30,
@@ -64,13 +67,15 @@ def server_settings(ours: argparse.Namespace, model: Path) -> ServerSettings:
         raise ValueError("--api-key values must not contain ','")
     if ours.admin_key is not None and not ours.admin_key.strip():
         raise ValueError("--admin-key is empty")
+    if ours.max_capture_bytes < 0:
+        raise ValueError(f"--max-capture-bytes {ours.max_capture_bytes} must be >= 0")
     policy = AccessPolicy.parse(ours.api_key, ours.admin_key)
     for profile in sorted(policy.bound_profiles()):
         if steering_dir is None or not (steering_dir / f"{profile}.safetensors").is_file():
             raise ValueError(f"--api-key binds steering profile {profile!r}, but {steering_dir or 'no steering dir'} "
                              f"has no {profile}.safetensors")
     return ServerSettings(api_keys=list(ours.api_key), admin_key=ours.admin_key or "", steering_dir=steering_dir,
-                          public_profile_details=ours.public_profile_details,
+                          public_profile_details=ours.public_profile_details, max_capture_bytes=ours.max_capture_bytes,
                           metrics_interval=ServerSettings.from_env().metrics_interval)
 
 
@@ -107,8 +112,21 @@ def _vllm_args(ours: argparse.Namespace, rest: list[str], model: str):
         if value not in (None, 1):
             raise ValueError(f"{flag} {value} is not supported: steering profiles live in one API process "
                              "and one engine (scale out with more replicas instead)")
+    if getattr(args, "enable_expert_parallel", False) and _model_type(model) == "unipool":
+        from unipool_serve.model_executor.vllm_model import EXPERT_PARALLEL_REFUSED
+
+        raise ValueError(EXPERT_PARALLEL_REFUSED)
     size_cpu_kv_cache(args)
     return args
+
+
+def _model_type(model: str) -> str | None:
+    import json
+
+    try:
+        return json.loads((Path(model) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def size_cpu_kv_cache(args) -> None:

@@ -29,6 +29,7 @@ import time
 
 from unipool_serve.model_executor.settings import ServerSettings, setting
 from unipool_serve.model_executor.steering import contract
+from unipool_serve.model_executor.steering.shape import SteerableModel
 
 from .gateway import SteeringGateway
 from .policy import AccessPolicy
@@ -62,7 +63,7 @@ class UniPoolEndpointPlugin:
         app.state.unipool_unavailable = self.unavailable
         app.add_middleware(SteeringGateway, router=app.router, policy=self.policy,
                            on_steering_error=self._count_error, on_metrics_scrape=self._refresh_metrics,
-                           unavailable=self.unavailable)
+                           unavailable=self.unavailable, take_capture=self._take_capture)
 
     def unavailable(self) -> str | None:
         """Why new requests cannot be served right now (None: they can)."""
@@ -71,6 +72,11 @@ class UniPoolEndpointPlugin:
         if self.engine_client is not None and self.engine_client.errored:
             return "the engine has stopped; this server cannot serve requests"
         return None
+
+    async def _take_capture(self, engine_ids: list[str]) -> dict:
+        """The captured routing of finished requests, from the first worker (TP ranks route alike)."""
+        results = await self.engine_client.collective_rpc(contract.RPC_TAKE_CAPTURE, args=(engine_ids,))
+        return results[0] if results else {}
 
     def _count_request(self, profile: str | None) -> None:
         if self.metrics is not None:
@@ -98,7 +104,8 @@ class UniPoolEndpointPlugin:
 
         if engine_client is None:
             return
-        config = engine_client.model_config.hf_config
+        # UniPool or one of vLLM's MoE families (ValueError naming the supported ones otherwise)
+        model = SteerableModel.of(engine_client.model_config.hf_config)
         secret = secrets.token_bytes(32)
         await engine_client.collective_rpc(contract.RPC_SET_SECRET, args=(secret.hex(),))
 
@@ -106,18 +113,26 @@ class UniPoolEndpointPlugin:
             await engine_client.collective_rpc(contract.RPC_SET_PROFILE,
                                                args=contract.set_profile_args(secret, slot, profile))
 
-        store = ProfileStore(config, setting("UNIPOOL_MAX_STEERING_PROFILES"), self.settings.steering_dir, push,
+        store = ProfileStore(model, setting("UNIPOOL_MAX_STEERING_PROFILES"), self.settings.steering_dir, push,
                              is_live=lambda request_id: request_id in engine_client.output_processor.request_states)
         await store.load_directory()
         missing = sorted(self.policy.bound_profiles() - set(store.names()))
         if missing:
             raise RuntimeError(f"unipool_api: API keys are bound to steering profile(s) {missing}, which are not "
                                f"loaded from {self.settings.steering_dir}: refusing to serve them unsteered")
-        SteeringEnforcer(store, secret, on_admit=self._count_request, on_refuse=self._count_error).install(
-            engine_client.engine_core)
-        layer_to_pool = [config.layer_to_pool(l) for l in range(config.num_hidden_layers)]
-        self.metrics = PoolMetrics(get_prometheus_registry(), layer_to_pool, config.num_experts,
-                                   self.settings.metrics_interval)
+        parallel = engine_client.vllm_config.parallel_config
+        capture_refused = None
+        if parallel.pipeline_parallel_size > 1:
+            capture_refused = "routing capture is not served with pipeline parallelism (each stage sees its own layers)"
+        elif not setting("UNIPOOL_ROUTING_CAPTURE"):
+            capture_refused = "routing capture is off on this server (UNIPOOL_ROUTING_CAPTURE=0)"
+        elif not model.is_unipool:
+            capture_refused = "routing capture is served for UniPool models only"
+        SteeringEnforcer(store, secret, on_admit=self._count_request, on_refuse=self._count_error,
+                         max_capture_bytes=self.settings.max_capture_bytes,
+                         capture_refused=capture_refused).install(engine_client.engine_core)
+        self.metrics = PoolMetrics(get_prometheus_registry(), list(model.layer_to_pool), model.num_experts,
+                                   self.settings.metrics_interval, setting("UNIPOOL_METRICS_MAX_EXPERT_SERIES"))
         await self.metrics.refresh(engine_client)  # baseline: warm-up runs are not served tokens
         loop = asyncio.get_running_loop()
         poller = loop.create_task(self.metrics.poll_forever(engine_client))

@@ -8,13 +8,17 @@ fan-out. `SteeringEnforcer.install` wraps that one method; for each engine reque
   1. decides the effective profile: the API key's bound profile (mandatory), else the one
      the request asked for (the body's `steering` field, which the gateway captured into
      the request context, or `vllm_xargs.steering`), else none; and the expert budget: the
-     smallest of the request's `expert_budget.top_k` and the profile's `top_k_budget` (a
+     smallest of the request's `expert_budget.top_k` and the profile's (a
      request can lower its profile's budget, never raise it);
   2. removes every reserved `unipool_*` key a client could have placed in `extra_args` and
      writes its own, signed (model_executor/steering/contract.py);
   3. sets `cache_salt` from the profile's content, so KV blocks are shared only between
      requests under the same effective profile;
-  4. pins the profile's engine row until the request has left the engine.
+  4. pins the profile's engine row until the request has left the engine;
+  5. for a request that asked for its routing (`return_routed_experts`,
+     `return_router_logits`), marks it for capture (checking the logits against the byte
+     limit), gives it a cache salt of its own (so every prompt token is computed and has
+     routing to report) and records its engine id for server/capture.py.
 Deny by default: a request submitted outside any request context of the gateway is
 refused, and so is a pooling request (it has no sampling parameters to carry a profile)
 for which a profile is in effect.
@@ -24,13 +28,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+import re
+import secrets
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import msgspec
 
 from unipool_serve.model_executor.steering import contract
+
+from unipool_serve.model_executor.steering.shape import SteerableModel
 
 from .profile_store import ProfileStore, UnknownProfile
 
@@ -44,7 +52,10 @@ class RequestContext:
     bound: str | None = None  # the API key's mandatory profile
     asked: str | None = None  # the body's top-level `steering` field
     budget: int | None = None  # the body's `expert_budget.top_k`
+    capture: int = 0  # routing_capture.CAPTURE_* flags the body asked for
     is_admin: bool = False
+    # (request id the client sees, choice index) -> engine request id, for each captured request
+    captured: dict[tuple[str, int], str] = field(default_factory=dict)
 
 
 # Set by the gateway for the duration of each HTTP or WebSocket request. Tasks a route
@@ -82,11 +93,12 @@ def resolve_budget(asked: int | None, profile_budget: int | None, config) -> int
     given = [b for b in (asked, profile_budget) if b is not None]
     if not given:
         return None
-    budget, top_k = min(given), config.num_experts_per_tok
+    config = SteerableModel.of(config)
+    budget, top_k = min(given), config.top_k
     if budget > top_k:
         raise SteeringRefused(400, f"expert_budget.top_k={budget} exceeds the model's top_k={top_k}",
                               "invalid_expert_budget")
-    if budget == 0 and not getattr(config, "shared_expert_intermediate_size", 0):
+    if budget == 0 and not config.shared_experts:
         raise SteeringRefused(400, "expert_budget.top_k=0 leaves nothing to compute: this model has no shared "
                               "expert", "invalid_expert_budget")
     return None if budget == top_k else budget
@@ -96,9 +108,12 @@ class SteeringEnforcer:
     """Wraps the engine-core client's `add_request_async` (see the module doc)."""
 
     def __init__(self, store: ProfileStore, secret: bytes, on_admit: Callable[[str | None], None] | None = None,
-                 on_refuse: Callable[[str], None] | None = None):
+                 on_refuse: Callable[[str], None] | None = None, max_capture_bytes: int = 64 << 20,
+                 capture_refused: str | None = None):
         self.store, self.secret = store, secret
         self.on_admit, self.on_refuse = on_admit, on_refuse
+        self.max_capture_bytes = max_capture_bytes
+        self.capture_refused = capture_refused  # why this engine cannot capture routing (None: it can)
 
     def install(self, engine_core) -> None:
         submit = engine_core.add_request_async
@@ -123,7 +138,7 @@ class SteeringEnforcer:
             raise SteeringRefused(403, "request submitted outside any API request: refused", "no_request_context")
         params = request.sampling_params
         if params is None:  # a pooling request
-            if ctx.bound is not None or ctx.asked is not None or ctx.budget is not None:
+            if ctx.bound is not None or ctx.asked is not None or ctx.budget is not None or ctx.capture:
                 raise SteeringRefused(403, "steering profiles apply to generation only; this route cannot run "
                                       "under a profile", "steering_unsupported_route")
             return
@@ -136,12 +151,15 @@ class SteeringEnforcer:
                 active = self.store.get(name)
             except UnknownProfile as exc:
                 raise SteeringRefused(400, str(exc), exc.code) from None
-        budget = resolve_budget(ctx.budget, active.profile.top_k_budget if active else None, self.store.config)
-        if active is not None or budget is not None:
+        profile_budget = (active.profile.expert_budget or {}).get("top_k") if active else None
+        budget = resolve_budget(ctx.budget, profile_budget, self.store.config)
+        if active is not None or budget is not None or ctx.capture:
             slot, content = (active.slot, active.content_hash) if active else (0, "")
             row_digest = contract.digest(content)
-            extra.update(contract.steering_args(self.secret, name, slot, row_digest, budget))
+            extra.update(contract.steering_args(self.secret, name, slot, row_digest, budget, ctx.capture))
             request.cache_salt = contract.cache_salt(self.secret, content, request.cache_salt, budget)
+        if ctx.capture:
+            self._mark_for_capture(request, params, ctx)
         if active is not None:
             self.store.pin(active, request.request_id)
         # A fresh SamplingParams per engine request: vLLM may share one object between the
@@ -149,6 +167,25 @@ class SteeringEnforcer:
         request.sampling_params = msgspec.structs.replace(params, extra_args=extra or None)
         if self.on_admit is not None:
             self.on_admit(name)
+
+    def _mark_for_capture(self, request, params, ctx: RequestContext) -> None:
+        from unipool_serve.model_executor.routing_capture import CAPTURE_LOGITS
+
+        if self.capture_refused is not None:
+            raise SteeringRefused(400, self.capture_refused, "capture_unsupported")
+        model = SteerableModel.of(self.store.config)
+        if ctx.capture & CAPTURE_LOGITS:
+            tokens = len(request.prompt_token_ids or ()) + (params.max_tokens or 0) - 1
+            size = max(tokens, 0) * model.num_layers * model.num_experts * 2  # float16
+            if size > self.max_capture_bytes:
+                raise SteeringRefused(400, f"return_router_logits would capture {size} bytes for this request "
+                                      f"(prompt + max_tokens); the server's limit is {self.max_capture_bytes} bytes "
+                                      "(--max-capture-bytes)", "capture_too_large")
+        # A salt of its own: no prompt token comes from the prefix cache, so every one has routing.
+        request.cache_salt = f"{contract.SALT_PREFIX}capture-{secrets.token_hex(16)}"
+        child = re.match(r"^(\d+)_(.+)$", request.request_id)
+        index = int(child.group(1)) if child and child.group(2).startswith(f"{request.external_req_id}-") else 0
+        ctx.captured[(request.external_req_id, index)] = request.request_id
 
 
 def as_vllm_error(refused: SteeringRefused) -> Exception:

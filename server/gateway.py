@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from starlette.routing import Match
 
 from unipool_serve.model_executor.steering import contract
 from unipool_serve.model_executor.steering.profile import NAME_PATTERN, NAME_RULE
 
-from .enforcement import CURRENT_REQUEST, RequestContext, resolve_profile, SteeringRefused
+from .capture import CaptureResponse, TakeFn
+from .enforcement import CURRENT_REQUEST, RequestContext, SteeringRefused, resolve_profile
 from .errors import APIError, envelope_errors, send_openai_error
-from .policy import Access, AccessPolicy, Caller, route_access
+from .policy import Access, AccessPolicy, route_access
 
 MAX_BODY_BYTES = 32 << 20
 BODY_METHODS = ("POST", "PUT", "PATCH")
 RAW_BODY_ROUTES = {("POST", "/v1/steering/profiles")}  # binary uploads: never parsed as JSON
+CAPTURE_ROUTES = {"/v1/completions", "/v1/chat/completions"}  # whose responses server/capture.py fills
 METRICS_ROUTE = "/metrics"
 RETRY_AFTER_S = 5
 
@@ -42,11 +45,13 @@ class SteeringGateway:
     def __init__(self, app, router, policy: AccessPolicy,
                  on_steering_error: Callable[[str], None] | None = None,
                  on_metrics_scrape: Callable[[], Awaitable[None]] | None = None,
-                 unavailable: Callable[[], str | None] = lambda: None):
+                 unavailable: Callable[[], str | None] = lambda: None,
+                 take_capture: TakeFn | None = None):
         self.app = app
         self.router = router  # the FastAPI app's router: what each path is
         self.policy = policy
         self.unavailable = unavailable  # why the server cannot take requests now (None: it can)
+        self.take_capture = take_capture  # engine ids -> captured routing (server/capture.py)
         self.on_steering_error = on_steering_error  # (reason) -> None: metrics hook
         self.on_metrics_scrape = on_metrics_scrape  # refreshes routing counts before a scrape
 
@@ -69,18 +74,19 @@ class SteeringGateway:
             caller = self.policy.identify(dict(scope.get("headers") or []))
             self.policy.check(access, caller)
             scope.setdefault("state", {})["unipool_admin"] = caller.is_admin
-            asked, budget, replay = None, None, receive
+            ctx, replay = RequestContext(bound=caller.bound, is_admin=caller.is_admin), receive
             if scope["type"] == "http" and scope["method"] in BODY_METHODS \
                     and (scope["method"], template) not in RAW_BODY_ROUTES:
                 body = await read_body(receive)
-                body, asked, budget = self.take_steering(body, scope, caller)
+                body, ctx = self.take_steering(body, scope, ctx, template)
                 replay = replaying(body, receive)
         except APIError as err:
             if err.param == contract.REQUEST_FIELD and self.on_steering_error is not None:
                 self.on_steering_error(str(err.code))
             return await refuse(scope, send, err)
-        token = CURRENT_REQUEST.set(RequestContext(bound=caller.bound, asked=asked, budget=budget,
-                                                   is_admin=caller.is_admin))
+        if ctx.capture and self.take_capture is not None:
+            send = CaptureResponse(send, ctx, self.take_capture)
+        token = CURRENT_REQUEST.set(ctx)
         try:
             await self.app(scope, replay, send)
         finally:
@@ -97,16 +103,18 @@ class SteeringGateway:
                 partial = route.path
         return partial
 
-    def take_steering(self, body: bytes, scope, caller: Caller) -> tuple[bytes, str | None, int | None]:
-        """(body without steering fields, the profile name asked for, the expert budget asked for);
-        APIError for bad input."""
+    def take_steering(self, body: bytes, scope, ctx: RequestContext, template: str) -> tuple[bytes, RequestContext]:
+        """(body without our fields, the request context with what they asked for); APIError for
+        bad input."""
         if not looks_like_json(body, scope):
-            return body, None, None
+            return body, ctx
         request = parse_json(body)
         if not isinstance(request, dict):
-            return body, None, None
-        changed = contract.REQUEST_FIELD in request or contract.BUDGET_FIELD in request
+            return body, ctx
+        ours = (contract.REQUEST_FIELD, contract.BUDGET_FIELD, *contract.CAPTURE_FIELDS)
+        changed = any(key in request for key in ours)
         budget = expert_budget(request.pop(contract.BUDGET_FIELD, None))
+        capture = capture_flags(request, template)
         top = request.pop(contract.REQUEST_FIELD, None)
         xargs = request.get("vllm_xargs")
         in_xargs = None
@@ -126,16 +134,34 @@ class SteeringGateway:
                                param=contract.REQUEST_FIELD, code="invalid_steering_field")
         asked = top if top is not None else in_xargs
         try:
-            resolve_profile(RequestContext(bound=caller.bound, asked=top), in_xargs)  # 400/403 before any route
+            resolve_profile(RequestContext(bound=ctx.bound, asked=top), in_xargs)  # 400/403 before any route
         except SteeringRefused as refused:
             raise APIError(refused.status, str(refused), param=contract.REQUEST_FIELD, code=refused.reason) from None
         if not changed:
-            return body, None, None
+            return body, ctx
         rewritten = json.dumps(request).encode()
         # the body changed size: keep the header truthful for whatever reads it
         scope["headers"] = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
         scope["headers"].append((b"content-length", str(len(rewritten)).encode()))
-        return rewritten, asked, budget
+        return rewritten, replace(ctx, asked=asked, budget=budget, capture=capture)
+
+
+def capture_flags(request: dict, template: str) -> int:
+    """The routing-capture flags a request asks for (popped from it); APIError when it cannot have them."""
+    flags = 0
+    for name, flag in contract.CAPTURE_FIELDS.items():
+        value = request.pop(name, False)
+        if not isinstance(value, bool):
+            raise APIError(400, f"'{name}' must be true or false, got {value!r:.40}", param=name, code="invalid_capture")
+        flags |= flag if value else 0
+    if not flags:
+        return 0
+    if template not in CAPTURE_ROUTES:
+        raise APIError(400, f"routing capture is served on {sorted(CAPTURE_ROUTES)} only", code="invalid_capture")
+    prompt = request.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and not all(isinstance(t, int) for t in prompt):
+        raise APIError(400, "routing capture takes one prompt per request", param="prompt", code="invalid_capture")
+    return flags
 
 
 def expert_budget(field) -> int | None:

@@ -7,6 +7,14 @@ and read by this process through one `collective_rpc`: on every scrape of /metri
 (so a scrape always reports every token computed before it), and every `interval`
 seconds for the per-interval gauges. Nothing is done per token on the host.
 
+Pools: a UniPool model's layers share pools; for vLLM's own MoE families every MoE layer has
+its own experts, so "pool" p is MoE layer p, and layers without experts have no pool and no
+series. Cardinality: per-layer and per-pool gauges are L series each; the per-expert counter
+is pools x experts series (48 x 128 = 6,144 for Qwen3-30B-A3B), so it is exported only up to
+UNIPOOL_METRICS_MAX_EXPERT_SERIES (default 2,048); above that a dashboard keeps the per-layer
+imbalance, entropy and active-experts gauges, and the full [L, E] counts stay one
+`collective_rpc("unipool_routing_stats")` away (docs/server.md, "Metrics").
+
 Exported (see deploy/observability/metric_names.txt):
   unipool_expert_tokens_total{pool,expert}   counter  token-slots routed (tokens x layers x top-k)
   unipool_layer_load_imbalance_ratio{layer}  gauge    max/mean expert share in the last interval
@@ -34,9 +42,16 @@ logger = logging.getLogger("unipool_serve.server")
 class PoolMetrics:
     """Holds the latest routing snapshot and exposes it as a Prometheus collector."""
 
-    def __init__(self, registry, layer_to_pool: list[int], num_experts: int, interval: float):
-        self.layer_to_pool = layer_to_pool
+    def __init__(self, registry, layer_to_pool: list[int | None], num_experts: int, interval: float,
+                 max_expert_series: int = 2048):
+        self.layer_to_pool = layer_to_pool  # None: a layer without experts
         self.num_experts = num_experts
+        pools = {p for p in layer_to_pool if p is not None}
+        self.export_experts = len(pools) * num_experts <= max_expert_series
+        if not self.export_experts:
+            logger.info("unipool_expert_tokens_total not exported: %d pools x %d experts exceeds "
+                        "UNIPOOL_METRICS_MAX_EXPERT_SERIES=%d (per-layer gauges are)", len(pools), num_experts,
+                        max_expert_series)
         self.interval = interval
         self.baseline: torch.Tensor | None = None  # [L, E] counts before serving started
         self.total = torch.zeros(len(layer_to_pool), num_experts, dtype=torch.int64)  # since serving started
@@ -65,7 +80,9 @@ class PoolMetrics:
         """Read the engine's cumulative counts; returns (and keeps) the total since serving started."""
         async with self._reading:
             results = await engine_client.collective_rpc(RPC_ROUTING_STATS)
-        counts = torch.as_tensor(results[0], dtype=torch.int64)  # [L, E]; every TP rank routes alike
+        # [L, E] per worker: TP ranks of a stage count alike, other pipeline stages count zero for
+        # layers they do not hold, so the elementwise max is each layer's count.
+        counts = torch.stack([torch.as_tensor(r, dtype=torch.int64) for r in results]).amax(0)
         if self.baseline is None:
             self.baseline = counts.clone()
         self.total = counts - self.baseline
@@ -77,6 +94,8 @@ class PoolMetrics:
         self.interval_start = total.clone()
         per_layer = (total - start).double()
         for layer, row in enumerate(per_layer):
+            if self.layer_to_pool[layer] is None:
+                continue
             tokens = row.sum().item()
             if tokens <= 0:
                 continue
@@ -84,7 +103,7 @@ class PoolMetrics:
             self.layer_imbalance[layer] = float(share.max() * self.num_experts)
             nonzero = share[share > 0]
             self.layer_entropy[layer] = float(-(nonzero * nonzero.log2()).sum())
-        for pool in sorted(set(self.layer_to_pool)):
+        for pool in sorted({p for p in self.layer_to_pool if p is not None}):
             rows = per_layer[[l for l, p in enumerate(self.layer_to_pool) if p == pool]].sum(0)
             if rows.sum() > 0:
                 self.pool_active[pool] = float((rows > 0).double().mean())
@@ -98,7 +117,8 @@ class PoolMetrics:
                                      "(summed over the pool's layers and top-k slots)", labels=["pool", "expert"])
         by_pool: dict[int, torch.Tensor] = {}
         for layer, pool in enumerate(self.layer_to_pool):
-            by_pool[pool] = by_pool.get(pool, 0) + self.total[layer]
+            if pool is not None and self.export_experts:
+                by_pool[pool] = by_pool.get(pool, 0) + self.total[layer]
         for pool, row in sorted(by_pool.items()):
             for expert, value in enumerate(row.tolist()):
                 tokens.add_metric([str(pool), str(expert)], value)

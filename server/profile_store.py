@@ -54,7 +54,7 @@ class ActiveProfile:
 class ProfileStore:
     """Profiles by name, backed by a folder of `<name>.safetensors` files (optional)."""
 
-    config: object  # the served model's config (profiles are checked against it)
+    config: object  # the served model: a SteerableModel, or a config it is read from (profiles are checked against it)
     max_profiles: int
     directory: Path | None = None
     push: PushFn | None = None  # writes (slot, profile) into every worker's table; None clears

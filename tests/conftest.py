@@ -22,6 +22,9 @@ def tiny_model_factory(tmp_path_factory):
 
 
 def pytest_addoption(parser):
+    parser.getgroup("unipool engine").addoption(
+        "--all-families", action="store_true",
+        help="tests/engine/test_families_engine.py on every vLLM MoE family, not only CI's subset")
     group = parser.getgroup("unipool reliability")
     group.addoption("--reliability-full", action="store_true",
                     help="tests/reliability at full size (minutes of load, >= 1,000 fuzz cases per generation route)")

@@ -129,7 +129,7 @@ def _carry_profiles(source: Path, target: Path, config: UniPoolConfig, pruned: U
             carried = SteeringProfile.for_config(
                 pruned, name=profile.name, bias=bias, alpha=profile.alpha, include=remap(profile.include),
                 exclude={l: ids for l, ids in remap(profile.exclude).items() if ids},
-                description=profile.description, top_k_budget=profile.top_k_budget)
+                description=profile.description, expert_budget=profile.expert_budget)
             carried.save(target / path.name)
         except SteeringProfileError as exc:
             report.notes.append(f"steering profile {path.name} not carried over: {exc}")

@@ -6,10 +6,13 @@
   unipool-steering subpool --model DIR --usage URL_OR_JSONL --keep-fraction 0.5 --name top-half --out top-half.safetensors
   unipool-steering fit --model DIR [--server URL] --data labelled.jsonl --name safe --out safe.safetensors [--judge SPEC]
 
-A sub-pool is a profile that excludes every expert but each pool's most used ones (ranked
-like `unipool-convert prune`, docs/expert-budgets.md): requests under it, or keys bound to
-it, touch fewer expert weights per step. `fit` makes a profile from labelled examples
-(MASCing's pipeline; steering/fit/, docs/fitting-profiles.md).
+--model reads the shapes (layers, experts, top-k, router kind, layers without experts) from
+the folder's config.json: a UniPool model or any of vLLM's MoE families steering supports.
+
+A sub-pool (UniPool models) is a profile that excludes every expert but each pool's most used
+ones (ranked like `unipool-convert prune`, docs/expert-budgets.md): requests under it, or keys
+bound to it, touch fewer expert weights per step. `fit` (UniPool models) makes a profile from
+labelled examples (MASCing's pipeline; steering/fit/, docs/fitting-profiles.md).
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import UniPoolConfig
 from .fit import command as fit_command
 from .profile import SteeringProfile, SteeringProfileError
+from .shape import SteerableModel
 
 
 def _load_array(path: Path) -> torch.Tensor:
@@ -36,9 +39,15 @@ def _load_array(path: Path) -> torch.Tensor:
     raise SteeringProfileError(f"--bias {path}: expected a .npy or .pt file")
 
 
-def _subpool(args, config) -> SteeringProfile:
+def _subpool(args, model) -> SteeringProfile:
+    from ..config import UniPoolConfig
     from ..convert.prune import kept_experts
     from ..usage import read_usage
+
+    if not model.is_unipool:
+        raise SteeringProfileError(f"subpool: {model.architecture} is not a UniPool model (pools and their usage "
+                                   "are read from a UniPool folder)")
+    config = UniPoolConfig.from_pretrained(str(args.model))
 
     keep = args.keep if args.keep is not None else round(args.keep_fraction * config.num_experts)
     kept = kept_experts(read_usage(args.usage, args.model, config), config, keep)
@@ -46,7 +55,7 @@ def _subpool(args, config) -> SteeringProfile:
                for l in range(config.num_hidden_layers)}
     description = args.description or f"the {keep} most used experts of each pool (usage: {args.usage})"
     return SteeringProfile.for_config(config, name=args.name, exclude=exclude, description=description,
-                                      top_k_budget=args.top_k_budget)
+                                      expert_budget=None if args.top_k_budget is None else {"top_k": args.top_k_budget})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="write a profile for a model folder")
     create.add_argument("--model", required=True, type=Path, help="model folder (its config.json)")
-    create.add_argument("--json", type=Path, help="JSON description: name, description, alpha, bias, include, exclude")
+    create.add_argument("--json", type=Path,
+                        help="JSON description: name, description, alpha, bias, include, exclude, expert_budget")
     create.add_argument("--name", help="profile name (overrides the JSON)")
     create.add_argument("--bias", type=Path, help="[layers, experts] array as .npy or .pt")
     create.add_argument("--alpha", type=float, help="strength (overrides the JSON)")
@@ -81,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return fit_command.run(args)
 
     try:
-        config = UniPoolConfig.from_pretrained(str(args.model)) if args.model else None
+        config = SteerableModel.from_folder(args.model) if args.model else None
         if args.command == "show":
             profile = SteeringProfile.load(args.path, config)
         elif args.command == "subpool":
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             profile = SteeringProfile.from_description(desc, config)
             profile.save(args.out)
             print(f"wrote {args.out}")
-    except (SteeringProfileError, OSError, json.JSONDecodeError, ValueError) as exc:
+    except (SteeringProfileError, ValueError, OSError) as exc:  # ValueError: bad JSON, unsupported model
         print(f"unipool-steering: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(profile.summary(), indent=2))

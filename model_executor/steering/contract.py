@@ -15,6 +15,7 @@ Worker RPCs (`collective_rpc`), all authenticated by the same secret where they 
   RPC_SET_PROFILE(slot, bias, mask, digest, auth)   write (or clear, bias None) one table row
   RPC_ROUTING_STATS()                               cumulative [L, E] routing counts
   RPC_STEERING_ROWS()                               {slot: digest} (tests, debugging)
+  RPC_TAKE_CAPTURE(request_ids)                     captured routing of finished requests
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ ARG_NAME = "unipool_steering"
 ARG_SLOT = "unipool_steering_slot"
 ARG_DIGEST = "unipool_steering_digest"
 ARG_TOP_K = "unipool_expert_budget_top_k"
+ARG_CAPTURE = "unipool_capture"  # routing_capture.CAPTURE_* flags
 ARG_SIGNATURE = "unipool_steering_sig"
+CAPTURE_FIELDS = {"return_routed_experts": 1, "return_router_logits": 2}  # request field -> flag
 
 RPC_SET_SECRET = "unipool_set_secret"
 RPC_SET_PROFILE = "unipool_set_profile"
 RPC_ROUTING_STATS = "unipool_routing_stats"
 RPC_STEERING_ROWS = "unipool_steering_rows"
+RPC_TAKE_CAPTURE = "unipool_take_capture"
 
 DIGEST_CHARS = 16  # of a profile's sha256 content hash: what the engine compares rows by
 SALT_PREFIX = "unipool-"
@@ -57,21 +61,24 @@ def _mac(secret: bytes, *parts: object) -> str:
 
 
 class Steering(NamedTuple):
-    """What one request runs under: a table row (0: none) holding `digest`, and a budget (None: all k)."""
+    """What one request runs under: a table row (0: none) holding `digest`, a budget (None: all k),
+    and which of its routing to capture (0: none)."""
 
     row: int
     digest: str
     top_k: int | None
+    capture: int = 0
 
 
 NO_ROW = Steering(0, "", None)
 
 
-def steering_args(secret: bytes, name: str | None, slot: int, row_digest: str, top_k: int | None = None) -> dict:
-    """The reserved extra_args that steer a request with one table row and/or an expert budget
-    (signed: clients never see these fields, and cannot produce them)."""
-    return {ARG_NAME: name, ARG_SLOT: slot, ARG_DIGEST: row_digest, ARG_TOP_K: top_k,
-            ARG_SIGNATURE: _mac(secret, "row", slot, row_digest, top_k)}
+def steering_args(secret: bytes, name: str | None, slot: int, row_digest: str, top_k: int | None = None,
+                  capture: int = 0) -> dict:
+    """The reserved extra_args that steer a request with one table row, an expert budget and/or
+    capture its routing (signed: clients never see these fields, and cannot produce them)."""
+    return {ARG_NAME: name, ARG_SLOT: slot, ARG_DIGEST: row_digest, ARG_TOP_K: top_k, ARG_CAPTURE: capture,
+            ARG_SIGNATURE: _mac(secret, "row", slot, row_digest, top_k, capture)}
 
 
 def verified_row(extra_args: Mapping | None, secret: bytes | None) -> Steering | None:
@@ -82,13 +89,13 @@ def verified_row(extra_args: Mapping | None, secret: bytes | None) -> Steering |
     if not extra_args or ARG_SLOT not in extra_args:
         return None
     slot, row_digest, top_k = extra_args.get(ARG_SLOT), extra_args.get(ARG_DIGEST), extra_args.get(ARG_TOP_K)
-    signature = extra_args.get(ARG_SIGNATURE)
+    capture, signature = extra_args.get(ARG_CAPTURE, 0), extra_args.get(ARG_SIGNATURE)
     if secret is None:
         raise ValueError("steering fields present but this engine never received the API process's secret")
-    expected = _mac(secret, "row", slot, row_digest, top_k)
+    expected = _mac(secret, "row", slot, row_digest, top_k, capture)
     if not isinstance(signature, str) or not hmac.compare_digest(signature, expected):
         raise ValueError("steering fields not signed by the API process")
-    return Steering(int(slot), str(row_digest), None if top_k is None else int(top_k))
+    return Steering(int(slot), str(row_digest), None if top_k is None else int(top_k), int(capture))
 
 
 def profile_auth(secret: bytes, slot: int, row_digest: str | None) -> str:

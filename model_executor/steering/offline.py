@@ -32,8 +32,14 @@ class OfflineSteering:
         self.rows[profile.name] = (slot, profile)
         return slot
 
+    def _budget(self, name: str | None, top_k: int | None) -> int | None:
+        """The smallest of the asked budget and the profile's, as the enforcement point resolves it."""
+        given = [top_k] + ([(self.rows[name][1].expert_budget or {}).get("top_k")] if name is not None else [])
+        return min((b for b in given if b is not None), default=None)
+
     def extra_args(self, name: str | None, top_k: int | None = None) -> dict | None:
         """SamplingParams.extra_args for profile `name` and/or an expert budget (None, None: unsteered)."""
+        top_k = self._budget(name, top_k)
         if name is None and top_k is None:
             return None
         if name is None:
@@ -43,6 +49,7 @@ class OfflineSteering:
 
     def cache_salt(self, name: str | None, user_salt: str | None = None, top_k: int | None = None) -> str | None:
         """The prefix-cache salt that keeps this profile's (and budget's) KV blocks apart."""
+        top_k = self._budget(name, top_k)
         if name is None and top_k is None:
             return user_salt
         content = "" if name is None else self.rows[name][1].content_hash()

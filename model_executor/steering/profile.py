@@ -3,11 +3,14 @@
 File format (docs/steering.md): one safetensors file holding tensor `bias`
 [L, E] fp32 (the unscaled MASCing matrix S) and string metadata:
   format="unipool-steering/1", name, description, alpha, include, exclude (JSON
-  {layer: [expert ids]}), num_layers, num_experts, top_k, config_fingerprint, and
-  optionally top_k_budget and provenance (a JSON object: how the profile was made,
-  e.g. by `unipool-steering fit`; informational, never part of the routing).
+  {layer: [expert ids]}), num_layers, num_experts, top_k, config_fingerprint, and, where
+  known, architecture, router_kind, dense_layers (JSON list) and expert_budget (JSON
+  {"top_k": 0}: the request runs on the shared experts alone), and optionally provenance
+  (a JSON object: how the profile was made, e.g. by `unipool-steering fit`; informational,
+  never part of the routing or the content hash).
 The engine applies `alpha * bias` and the masks exactly as
-kernels/routing_reference.py documents.
+kernels/routing_reference.py documents. A profile is made for one SteerableModel
+(steering/shape.py): a UniPool model or one of vLLM's own MoE families.
 """
 
 from __future__ import annotations
@@ -24,16 +27,13 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from ..config import UniPoolConfig
 from . import contract
+from .profile_checks import SteeringProfileError, check_budget, check_dense_layers, check_model, check_provenance
+from .shape import SteerableModel
 
 FORMAT = "unipool-steering/1"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
-
-
-class SteeringProfileError(ValueError):
-    """A profile that cannot be used; the message names the problem."""
 
 
 def check_name(name: str) -> str:
@@ -44,7 +44,7 @@ def check_name(name: str) -> str:
 
 @dataclass
 class SteeringProfile:
-    """A router steering profile for one model (layer count, pool size, config fingerprint)."""
+    """A router steering profile for one model (layer count, experts, router kind, config fingerprint)."""
 
     name: str
     bias: torch.Tensor  # [L, E] fp32, unscaled
@@ -56,7 +56,12 @@ class SteeringProfile:
     include: dict[int, list[int]] = field(default_factory=dict)
     exclude: dict[int, list[int]] = field(default_factory=dict)
     description: str = ""
-    top_k_budget: int | None = None  # experts per token a request under this profile may use at most
+    architecture: str = ""  # "" in files written before families were supported: UniPool models
+    router_kind: str = ""
+    dense_layers: tuple[int, ...] = ()
+    # The routed experts a request may use. Only {"top_k": 0} today: shared experts alone (the
+    # routed gates are zeroed; the kernels still compute the routed experts). Issue 17 extends it.
+    expert_budget: dict | None = None
     provenance: dict | None = None  # how it was made (JSON-serialisable); not part of the content hash
 
     def __post_init__(self) -> None:
@@ -66,41 +71,45 @@ class SteeringProfile:
 
     # ---- construction ------------------------------------------------------
     @classmethod
-    def for_config(cls, config: UniPoolConfig, *, name: str, bias=None, alpha: float = 1.0,
-                   include=None, exclude=None, description: str = "", top_k_budget: int | None = None,
+    def for_config(cls, config, *, name: str, bias=None, alpha: float = 1.0, include=None, exclude=None,
+                   description: str = "", expert_budget: dict | None = None,
                    provenance: dict | None = None) -> SteeringProfile:
-        shape = (config.num_hidden_layers, config.num_experts)
+        """For a model given by its config (UniPoolConfig, a vLLM family's config) or SteerableModel."""
+        model = SteerableModel.of(config)
+        shape = (model.num_layers, model.num_experts)
         bias = torch.zeros(shape) if bias is None else torch.as_tensor(bias, dtype=torch.float32)
         return cls(
             name=name, bias=bias, alpha=alpha, include=include or {}, exclude=exclude or {},
-            description=description, num_layers=shape[0], num_experts=shape[1],
-            top_k=config.num_experts_per_tok, config_fingerprint=config.fingerprint(), top_k_budget=top_k_budget,
-            provenance=provenance,
-        )
+            description=description, num_layers=shape[0], num_experts=shape[1], top_k=model.top_k,
+            config_fingerprint=model.fingerprint, architecture=model.architecture, router_kind=model.router_kind,
+            dense_layers=model.dense_layers, expert_budget=expert_budget, provenance=provenance,
+        ).validate(model)
 
     @classmethod
-    def from_description(cls, desc: dict, config: UniPoolConfig) -> SteeringProfile:
-        """Build from a JSON-style dict: name, description, alpha, include, exclude and a bias given
-        either dense ([[...] * E] * L) or sparse ({"layer": {"expert": value}})."""
-        unknown = set(desc) - {"name", "description", "alpha", "bias", "include", "exclude", "top_k_budget"}
+    def from_description(cls, desc: dict, config) -> SteeringProfile:
+        """Build from a JSON-style dict: name, description, alpha, include, exclude, expert_budget and
+        a bias given either dense ([[...] * E] * L) or sparse ({"layer": {"expert": value}})."""
+        config = SteerableModel.of(config)
+        unknown = set(desc) - {"name", "description", "alpha", "bias", "include", "exclude", "expert_budget"}
         if unknown:
             raise SteeringProfileError(f"unknown keys in profile description: {sorted(unknown)}")
         bias = desc.get("bias")
         if isinstance(bias, dict):
-            dense = torch.zeros(config.num_hidden_layers, config.num_experts)
+            dense = torch.zeros(config.num_layers, config.num_experts)
             for layer, row in bias.items():
                 for expert, value in row.items():
-                    l, e = _index(layer, config.num_hidden_layers, "bias layer"), _index(expert, config.num_experts, "bias expert")
+                    l, e = _index(layer, config.num_layers, "bias layer"), _index(expert, config.num_experts, "bias expert")
                     dense[l, e] = float(value)
             bias = dense
         return cls.for_config(
             config, name=desc.get("name", ""), bias=bias, alpha=desc.get("alpha", 1.0),
             include=desc.get("include"), exclude=desc.get("exclude"), description=desc.get("description", ""),
-            top_k_budget=desc.get("top_k_budget"),
+            expert_budget=desc.get("expert_budget"),
         )
 
     # ---- validation --------------------------------------------------------
-    def validate(self, config: UniPoolConfig | None = None) -> SteeringProfile:
+    def validate(self, config=None) -> SteeringProfile:
+        """Check the profile on its own, and against a model (config or SteerableModel) when given."""
         check_name(self.name)
         layers, experts = self.num_layers, self.num_experts
         if tuple(self.bias.shape) != (layers, experts):
@@ -126,18 +135,6 @@ class SteeringProfile:
             both = sorted(set(self.include[layer]) & set(self.exclude[layer]))
             if both:
                 raise SteeringProfileError(f"profile {self.name!r}: layer {layer} both includes and excludes {both}")
-        if self.provenance is not None:
-            try:
-                if not isinstance(self.provenance, dict):
-                    raise TypeError(f"a {type(self.provenance).__name__}")
-                json.dumps(self.provenance, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise SteeringProfileError(f"profile {self.name!r}: provenance must be a JSON object ({exc})") from None
-        budget = self.top_k_budget
-        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
-                                   or not 0 <= budget <= self.top_k):
-            raise SteeringProfileError(f"profile {self.name!r}: top_k_budget must be an integer in 0..{self.top_k} "
-                                       f"(the model's top_k), got {budget!r}")
         for layer, ids in self.include.items():
             if len(ids) > self.top_k:
                 raise SteeringProfileError(
@@ -147,20 +144,18 @@ class SteeringProfile:
             if experts - len(ids) < self.top_k:
                 raise SteeringProfileError(
                     f"profile {self.name!r}: layer {layer} excludes {len(ids)} of {experts} experts, "
-                    f"leaving fewer than top_k={self.top_k}"
+                    f"leaving fewer than top_k={self.top_k} (to run on the shared experts alone, use "
+                    '"expert_budget": {"top_k": 0} instead)'
                 )
+        check_dense_layers(self)
+        check_budget(self)
+        check_provenance(self)
         if config is not None:
             self.check_model(config)
         return self
 
-    def check_model(self, config: UniPoolConfig) -> None:
-        mine = (self.num_layers, self.num_experts, self.top_k)
-        theirs = (config.num_hidden_layers, config.num_experts, config.num_experts_per_tok)
-        if mine != theirs or self.config_fingerprint != config.fingerprint():
-            raise SteeringProfileError(
-                f"profile {self.name!r} was made for another model: (layers, pool experts, top_k)={mine}, "
-                f"fingerprint {self.config_fingerprint}; this model has {theirs}, fingerprint {config.fingerprint()}"
-            )
+    def check_model(self, config) -> None:
+        check_model(self, config)
 
     # ---- what the engine uses ---------------------------------------------
     def bias_rows(self) -> torch.Tensor:
@@ -179,8 +174,8 @@ class SteeringProfile:
         digest = hashlib.sha256(self.bias_rows().numpy().tobytes())
         digest.update(self.mask_rows().numpy().tobytes())
         digest.update(self.config_fingerprint.encode())
-        if self.top_k_budget is not None:  # (absent from older profiles: their hashes stay)
-            digest.update(f"top_k_budget={self.top_k_budget}".encode())
+        if self.expert_budget is not None:  # absent from older hashes: their digests stay valid
+            digest.update(json.dumps(self.expert_budget, sort_keys=True).encode())
         return digest.hexdigest()
 
     def summary(self) -> dict:
@@ -190,7 +185,8 @@ class SteeringProfile:
             "name": self.name, "description": self.description, "alpha": self.alpha,
             "num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
             "config_fingerprint": self.config_fingerprint, "content_hash": contract.digest(self.content_hash()),
-            "top_k_budget": self.top_k_budget, "provenance": self.provenance,
+            "architecture": self.architecture, "router_kind": self.router_kind, "dense_layers": list(self.dense_layers),
+            "expert_budget": self.expert_budget, "provenance": self.provenance,
             "layers": [
                 {"layer": l, "nonzero_bias": int((rows[l] != 0).sum()), "max_abs_bias": float(rows[l].abs().max()),
                  "include": self.include.get(l, []), "exclude": self.exclude.get(l, [])}
@@ -207,8 +203,11 @@ class SteeringProfile:
             "num_layers": str(self.num_layers), "num_experts": str(self.num_experts), "top_k": str(self.top_k),
             "config_fingerprint": self.config_fingerprint,
         }
-        if self.top_k_budget is not None:
-            metadata["top_k_budget"] = str(self.top_k_budget)
+        if self.router_kind:
+            metadata.update(architecture=self.architecture, router_kind=self.router_kind,
+                            dense_layers=json.dumps(list(self.dense_layers)))
+        if self.expert_budget is not None:
+            metadata["expert_budget"] = json.dumps(self.expert_budget)
         if self.provenance is not None:
             metadata["provenance"] = json.dumps(self.provenance, sort_keys=True)
         return save_tensors({"bias": self.bias}, metadata=metadata)
@@ -221,7 +220,7 @@ class SteeringProfile:
         return path
 
     @classmethod
-    def from_bytes(cls, data: bytes, config: UniPoolConfig | None = None, source: str = "profile") -> SteeringProfile:
+    def from_bytes(cls, data: bytes, config=None, source: str = "profile") -> SteeringProfile:
         try:
             metadata = _safetensors_metadata(data)
             tensors = load_tensors(data)
@@ -237,8 +236,10 @@ class SteeringProfile:
                 alpha=float(metadata["alpha"]), include=json.loads(metadata.get("include", "{}")),
                 exclude=json.loads(metadata.get("exclude", "{}")), num_layers=int(metadata["num_layers"]),
                 num_experts=int(metadata["num_experts"]), top_k=int(metadata["top_k"]),
-                config_fingerprint=metadata["config_fingerprint"],
-                top_k_budget=int(metadata["top_k_budget"]) if "top_k_budget" in metadata else None,
+                config_fingerprint=metadata["config_fingerprint"], architecture=metadata.get("architecture", ""),
+                router_kind=metadata.get("router_kind", ""),
+                dense_layers=tuple(json.loads(metadata.get("dense_layers", "[]"))),
+                expert_budget=json.loads(metadata["expert_budget"]) if "expert_budget" in metadata else None,
                 provenance=json.loads(metadata["provenance"]) if "provenance" in metadata else None,
             )
         except SteeringProfileError:
@@ -248,7 +249,7 @@ class SteeringProfile:
         return profile.validate(config)
 
     @classmethod
-    def load(cls, path: str | Path, config: UniPoolConfig | None = None) -> SteeringProfile:
+    def load(cls, path: str | Path, config=None) -> SteeringProfile:
         path = Path(path)
         return cls.from_bytes(path.read_bytes(), config, source=str(path))
 

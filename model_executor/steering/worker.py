@@ -21,8 +21,12 @@ process's enforcement point and that row still holds the signed digest
 (steering/contract.py); anything else runs unsteered and is logged once per request (an
 exception here would stop the engine for every request).
 
-The model exposes two attributes this worker reads: `steering` (a SteeringTable) and
-`routing_counts` (a RoutingCounts).
+The model exposes the attributes this worker reads: `steering` (a SteeringTable),
+`routing_counts` (a RoutingCounts) and, for per-request routing capture,
+`routing_capture` (a RoutingCapture; the V1 hook copies the capturing requests' rows out
+after each forward, model_executor/routing_capture.py; the V2 hook does not capture). Our
+own model builds them; a model of one of vLLM's MoE families gets the first two, and steering
+at its routers, from steering/family_hooks.py when it loads (no routing capture there).
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ import logging
 from collections.abc import Hashable
 
 import numpy as np
+from vllm.distributed import get_pp_group
 from vllm.platforms import current_platform
 
+from ..routing_capture import CapturedRequests
 from . import contract
 from .table import SteeringTable, expand_rows
 
@@ -49,8 +55,8 @@ class RequestRows:
     """Each request's verified steering (row and budget), by whatever key a model runner tracks
     requests with."""
 
-    def __init__(self, table: SteeringTable):
-        self.table = table
+    def __init__(self, table: SteeringTable, captured: CapturedRequests | None = None):
+        self.table, self.captured = table, captured
         self.secret: bytes | None = None
         self._rows: dict[Hashable, contract.Steering | None] = {}
         self._warned: set[Hashable] = set()
@@ -68,6 +74,9 @@ class RequestRows:
         except ValueError as exc:
             self._rows[key] = None
             self._warn(key, "%s", exc)
+        verified = self._rows[key]
+        if verified is not None and verified.capture and self.captured is not None:
+            self.captured.admit(key, verified.capture, getattr(sampling_params, "routed_experts_prompt_start", 0))
         if self._rows[key] is None and extra and contract.REQUEST_FIELD in extra:
             self._warn(key, "asks for steering %r, which no enforcement point resolved (run unipool-serve, "
                        "or set VLLM_PLUGINS=unipool,unipool_api)", extra[contract.REQUEST_FIELD])
@@ -83,6 +92,8 @@ class RequestRows:
         """Forget the requests not in `live` (a container of keys)."""
         for key in [k for k in self._rows if k not in live]:
             self.forget(key)
+        if self.captured is not None:
+            self.captured.prune(live)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -116,8 +127,10 @@ class V1StepHook:
 
         def model_forward(input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **kw):
             self.write((input_ids if input_ids is not None else inputs_embeds).shape[0])
-            return original(input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors,
-                            inputs_embeds=inputs_embeds, **kw)
+            out = original(input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors,
+                           inputs_embeds=inputs_embeds, **kw)
+            self.collect(positions)
+            return out
 
         runner._model_forward = model_forward  # instance attribute: only this runner is affected
 
@@ -130,6 +143,17 @@ class V1StepHook:
         if len(self.rows) > 2 * len(req_ids) + 64:  # forget requests that have left the engine
             self.rows.prune(self.runner.requests)
         self.rows.table.fill_index(num_tokens, *self.rows.per_token(req_ids, self.runner.query_start_loc.np))
+
+    def collect(self, positions) -> None:
+        """After the forward: the capturing requests' rows of this step, by token position."""
+        captured = self.rows.captured
+        if captured is None or positions is None:
+            return
+        batch, starts = self.runner.input_batch, self.runner.query_start_loc.np
+        spans = [(r, int(starts[i]), int(starts[i + 1])) for i, r in enumerate(batch.req_ids[: batch.num_reqs])
+                 if captured.wants(r)]
+        if spans:
+            captured.collect(spans, positions)
 
 
 class V2StepHook:
@@ -166,7 +190,15 @@ class SteeringWorker(_PlatformWorker):
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
         runner = self.model_runner
-        self._steering_rows = RequestRows(runner.get_model().steering)
+        model = runner.get_model()
+        if not hasattr(model, "steering"):  # one of vLLM's own families
+            from .family_hooks import attach
+
+            attach(model, self.vllm_config)
+        capture = getattr(model, "routing_capture", None)
+        captured = CapturedRequests(capture, capture.logits.shape[-1]) if capture is not None and capture.enabled \
+            else None
+        self._steering_rows = RequestRows(model.steering, captured)
         if hasattr(runner, "_model_forward"):
             V1StepHook(runner, self._steering_rows)
         elif hasattr(runner, "model_state"):
@@ -177,6 +209,13 @@ class SteeringWorker(_PlatformWorker):
     def compile_or_warm_up_model(self, *args, **kwargs):
         result = super().compile_or_warm_up_model(*args, **kwargs)
         self._table().index.zero_()
+        runner = self.model_runner
+        # vLLM's CPU worker skips the dummy run when eager with an explicit KV-cache size, and
+        # the dummy run is what allocates a later pipeline stage's receive buffers: without
+        # them the first real step of that stage fails. Allocate them as the dummy run would.
+        if getattr(runner, "intermediate_tensors", False) is None and not get_pp_group().is_first_rank:
+            runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+                batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
         return result
 
     # ---- RPCs (steering/contract.py) -----------------------------------------
@@ -204,6 +243,11 @@ class SteeringWorker(_PlatformWorker):
     def unipool_routing_stats(self):
         """Cumulative token-slots per (layer, expert) as nested lists, [L, E]."""
         return self.model_runner.get_model().routing_counts.counts.cpu().tolist()
+
+    def unipool_take_capture(self, request_ids: list[str]):
+        """{request id: (experts .npy bytes or None, logits .npy bytes or None)}, forgotten afterwards."""
+        captured = self._steering_rows.captured
+        return {} if captured is None else captured.take(list(request_ids))
 
     def unipool_steering_rows(self):
         """Which rows hold which profile digest (for tests and debugging)."""

@@ -16,7 +16,6 @@ import httpx
 import pytest
 from server_launcher import run_server
 
-from unipool_serve.demo.tiny_model import tiny_config
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 
 API_KEY, BOUND_KEY, ADMIN_KEY = "user-key", "kid-key", "admin-key"
@@ -33,8 +32,7 @@ def expert_bias(config, expert: int, value: float):
     return bias
 
 
-def write_profiles(steering_dir: Path) -> None:
-    config = tiny_config()  # the same config the tiny model was written with
+def write_profiles(steering_dir: Path, config) -> None:
     layers = range(config.num_hidden_layers)
     steering_dir.mkdir()
     for name, exclude in (("no-e0", [0]), ("no-e1", [1])):
@@ -80,8 +78,10 @@ class Server:
 
 def start(tmp_path_factory, model: Path, extra_args: list[str], env: dict[str, str] | None = None):
     """A context manager yielding a Server on `model` with the profiles above and three keys."""
+    from unipool_serve.model_executor.config import UniPoolConfig
+
     steering_dir = tmp_path_factory.mktemp("server") / "steering"
-    write_profiles(steering_dir)
+    write_profiles(steering_dir, UniPoolConfig.from_pretrained(str(model)))
     log = tmp_path_factory.mktemp("server-log") / "server.log"
     args = ["--model", str(model), "--steering-dir", str(steering_dir), "--api-key", API_KEY,
             "--api-key", f"{BOUND_KEY}=only-e5", "--admin-key", ADMIN_KEY, "--grace-period", "20",

@@ -1,0 +1,98 @@
+"""Per-request routing capture: the experts (and router logits) each token of a request was routed with.
+
+Device side, `RoutingCapture`: every step, each layer copies its routing decision
+(`topk_ids` after steering and budgets; dropped slots hold id E) and, when logits are
+captured, its raw router logits (fp16) into persistent buffers, [L, max_tokens, k] and
+[L, max_tokens, E]: one small copy per layer, the same ops every step (compiled graphs keep
+them). Off with UNIPOOL_ROUTING_CAPTURE=0 (then no buffer exists and capture requests are
+refused at the API).
+
+Host side, `CapturedRequests` (in the worker): after a step's forward, the rows of the
+requests that asked are copied out by token position (`positions` of the step), so a
+prompt split over several steps, and a request recomputed after preemption, end up with one
+row per position (the last computation wins). `take` hands them to the API process as
+`.npy` bytes in vLLM's `routed_experts` encoding: [tokens, layers, top_k], uint8 when the
+ids fit (fewer than 256 experts), else uint16; logits [tokens, layers, experts] float16.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from torch import nn
+
+CAPTURE_EXPERTS, CAPTURE_LOGITS = 1, 2  # flags a request's signed steering fields carry
+
+
+class RoutingCapture(nn.Module):
+    def __init__(self, max_tokens: int, num_layers: int, num_experts: int, top_k: int, enabled: bool = True):
+        super().__init__()
+        self.enabled = enabled
+        shape = (num_layers, max_tokens if enabled else 0)
+        self.register_buffer("ids", torch.zeros(*shape, top_k, dtype=torch.int32), persistent=False)
+        self.register_buffer("logits", torch.zeros(*shape, num_experts, dtype=torch.float16), persistent=False)
+
+    def record(self, layer: int, topk_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        """Keep one layer's decision of this step (topk_ids [T, k], logits [T, E])."""
+        if self.enabled:
+            num_tokens = topk_ids.shape[0]
+            self.ids[layer, :num_tokens].copy_(topk_ids)
+            self.logits[layer, :num_tokens].copy_(logits)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    with io.BytesIO() as buffer:
+        np.save(buffer, array, allow_pickle=False)
+        return buffer.getvalue()
+
+
+class CapturedRequests:
+    """The capturing requests' rows, by position, until the API process takes them."""
+
+    def __init__(self, capture: RoutingCapture, num_experts: int):
+        self.capture, self.num_experts = capture, num_experts
+        self._rows: dict[str, dict[str, object]] = {}  # request id -> flags, prompt start, {position: rows}
+
+    def admit(self, request_id: str, flags: int, prompt_start: int) -> None:
+        self._rows.setdefault(request_id, {"flags": flags, "start": prompt_start, "experts": {}, "logits": {}})
+
+    def wants(self, request_id: str) -> bool:
+        return request_id in self._rows
+
+    def collect(self, spans: list[tuple[str, int, int]], positions: torch.Tensor) -> None:
+        """Copy out this step's rows: spans are (request id, first token, end token) in the step."""
+        ids = self.capture.ids[:, : positions.shape[0]].cpu().numpy()  # [L, T, k]
+        logits = None
+        steps = positions.cpu().numpy()
+        for request_id, start, end in spans:
+            entry = self._rows[request_id]
+            if entry["flags"] & CAPTURE_LOGITS and logits is None:
+                logits = self.capture.logits[:, : positions.shape[0]].cpu().numpy()  # [L, T, E]
+            for offset, position in enumerate(steps[start:end], start=start):
+                entry["experts"][int(position)] = ids[:, offset]
+                if entry["flags"] & CAPTURE_LOGITS:
+                    entry["logits"][int(position)] = logits[:, offset]
+
+    def take(self, request_ids: list[str]) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """Encoded (experts, logits) of each request, forgotten afterwards."""
+        taken = {}
+        for request_id in request_ids:
+            entry = self._rows.pop(request_id, None)
+            if entry is None:
+                continue
+            positions = sorted(p for p in entry["experts"] if p >= entry["start"])
+            dtype = np.uint8 if self.num_experts < 256 else np.uint16  # id E (a dropped slot) must fit too
+            experts = np.stack([entry["experts"][p] for p in positions]).astype(dtype) if positions else \
+                np.zeros((0, *self.capture.ids.shape[::2]), dtype=dtype)
+            logits = None
+            if entry["flags"] & CAPTURE_LOGITS:
+                logits = _npy(np.stack([entry["logits"][p] for p in positions]).astype(np.float16)) if positions \
+                    else _npy(np.zeros((0, self.capture.logits.shape[0], self.capture.logits.shape[2]), np.float16))
+            taken[request_id] = (_npy(experts) if entry["flags"] & CAPTURE_EXPERTS else None, logits)
+        return taken
+
+    def prune(self, live) -> None:
+        for request_id in [r for r in self._rows if r not in live]:
+            del self._rows[request_id]

@@ -1,0 +1,85 @@
+"""transformers' own MoE models, steered as the engine steers vLLM's families (per-token sigma).
+
+MASCing applies its bias with a forward hook on the gate. transformers 5 computes the router
+logits AND selects experts inside one router module, so the hook here is a pair: a forward
+pre-hook that enters a torch function mode catching the router's logit projection (its first
+F.linear) and returning steered logits (kernels/routing_reference.steer_router_logits: the
+same function the engine's gate hook calls), so transformers' own selection runs on them;
+and, for grouped top-k routers, a forward hook that replaces the selection with
+kernels/routing_reference.grouped_select, as the engine's router tap does. A routed budget of
+zero zeroes the output of the block's routed experts (its shared experts still run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from unipool_serve.kernels.routing_reference import grouped_select, steer_router_logits
+
+
+class _SteerLogits(TorchFunctionMode):
+    """Steers the output of the first F.linear it sees (the router's logits [T, E])."""
+
+    def __init__(self, bias_row: torch.Tensor, mask_row: torch.Tensor):
+        super().__init__()
+        self.bias_row, self.mask_row, self.done = bias_row, mask_row, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear and not self.done:
+            self.done = True
+            T = out.shape[0]
+            out = steer_router_logits(out, self.bias_row.expand(T, -1), self.mask_row.expand(T, -1))
+        return out
+
+
+def routers(model):
+    """(layer, router module, MoE block) for every layer with routed experts."""
+    for index, layer in enumerate(model.model.layers):
+        block = layer.mlp
+        router = getattr(block, "gate", None) or getattr(block, "router", None)
+        if router is not None and "Router" in type(router).__name__:
+            yield index, router, block
+
+
+@contextlib.contextmanager
+def steered(model, kind: str, bias_rows: torch.Tensor, mask_rows: torch.Tensor, routed_scale: float = 1.0):
+    """Every token of every forward inside runs under one profile's rows (bias [L, E], mask [L, E])."""
+    handles = []
+    for layer, router, block in routers(model):
+        state = {}
+
+        def pre(module, args, layer=layer, state=state):
+            state["mode"] = _SteerLogits(bias_rows[layer].float(), mask_rows[layer])
+            state["mode"].__enter__()
+
+        def post(module, args, output, layer=layer, state=state):
+            state.pop("mode").__exit__(None, None, None)
+            if not kind.startswith("grouped-"):
+                return None
+            logits = output[0]
+            weights, ids = grouped_select(
+                logits, mask_rows[layer].expand(logits.shape[0], -1), top_k=module.top_k, num_groups=module.num_group,
+                topk_groups=module.topk_group, scoring="sigmoid" if "sigmoid" in kind else "softmax",
+                correction_bias=getattr(module, "e_score_correction_bias", None) if kind.endswith("-bias") else None,
+                renormalize=bool(getattr(module, "norm_topk_prob", False)), scaling=module.routed_scaling_factor)
+            return logits, weights.to(output[1].dtype), ids.to(output[2].dtype)
+
+        handles += [router.register_forward_pre_hook(pre), router.register_forward_hook(post)]
+        if routed_scale != 1.0:
+            handles.append(block.experts.register_forward_hook(lambda m, a, out: out * routed_scale))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def logprobs(model, token_ids: list[int]) -> torch.Tensor:
+    """[S, V] next-token log-probabilities over a whole sequence (fp64 from fp32 logits)."""
+    return torch.log_softmax(model(torch.tensor([token_ids])).logits[0].double(), dim=-1)
