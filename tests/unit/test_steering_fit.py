@@ -12,6 +12,7 @@ import zlib
 
 import pytest
 import torch
+from transformers import MixtralConfig
 
 from unipool_serve.demo.tiny_model import tiny_config, write_tiny_model
 from unipool_serve.model_executor.steering.cli import main as steering_cli
@@ -240,4 +241,10 @@ def test_cli_errors_are_one_line(tiny_model_factory, tmp_path, capsys):
     assert "made for another model" in _cli_error(capsys, base + ["--data", str(good), "--compare", str(other)])
     assert "unknown kind" in _cli_error(capsys, base + ["--data", str(good), "--judge", "sql:x"])
     assert "--alpha needs at least one positive" in _cli_error(capsys, base + ["--data", str(good), "--alpha", "0"])
+    nowhere = base[:-2] + [str(tmp_path / "no" / "o.safetensors"), "--no-progress", "--data", str(good)]
+    assert "is not a writable folder" in _cli_error(capsys, nowhere)
+    family = tmp_path / "mixtral"  # only config.json is read
+    MixtralConfig(num_hidden_layers=2, num_local_experts=8, architectures=["MixtralForCausalLM"]).save_pretrained(family)
+    assert "MixtralForCausalLM is not a UniPool model" in _cli_error(
+        capsys, ["fit", "--model", str(family), *base[3:], "--data", str(good)])
     assert not (tmp_path / "o.safetensors").exists()

@@ -22,7 +22,7 @@ from unipool_serve.model_executor.steering.fit.server import ServerSource
 from unipool_serve.model_executor.steering.fit.sources import FitSourceError, final_user_span
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 
-L, E, BOS, ADMIN = 3, 8, 1, "admin-secret"
+L, E, BOS, ADMIN, SPIKE = 3, 8, 1, "admin-secret", 3
 
 
 def render(messages) -> str:
@@ -36,8 +36,13 @@ def encoded(array: np.ndarray) -> str:
 
 
 class FakeServer:
-    def __init__(self, capture: bool = True):
+    """`broken`: path -> the (malformed) JSON body, or an httpx.Response, answered there instead.
+    `signal`: a '@' character spikes expert SPIKE of layer 1 (and the position values vanish
+    under the surrogate's LayerNorm), so a fit has something to find."""
+
+    def __init__(self, capture: bool = True, broken: dict | None = None, signal: bool = False, experts: int = E):
         self.capture, self.requests, self.profiles = capture, [], {}
+        self.broken, self.signal, self.experts = broken or {}, signal, experts
 
     def tokens(self, body) -> list[int]:
         if "messages" in body:
@@ -48,6 +53,9 @@ class FakeServer:
         body = json.loads(request.content) if request.headers.get("content-type") == "application/json" else None
         self.requests.append((request.method, request.url.path, body, request.headers.get("authorization")))
         path = request.url.path
+        if path in self.broken:
+            answer = self.broken[path]
+            return answer if isinstance(answer, httpx.Response) else httpx.Response(200, json=answer)
         if path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "fake-moe"}]})
         if path == "/tokenize":
@@ -66,7 +74,10 @@ class FakeServer:
         prompt = self.tokens(body)
         if body.get("max_tokens") == 1:  # a capture
             start = body.get("routed_experts_prompt_start", 0)
-            logits = np.broadcast_to(np.arange(len(prompt), dtype=np.float16)[:, None, None], (len(prompt), L, E))
+            logits = np.broadcast_to(np.arange(len(prompt), dtype=np.float16)[:, None, None], (len(prompt), L, self.experts))
+            if self.signal:
+                logits = logits.copy()
+                logits[[t == ord("@") for t in prompt], 1, SPIKE] += 6.0
             choice = {"text": "x", "message": {"content": "x"}}
             if self.capture and body.get("return_router_logits"):
                 choice["router_logits"] = encoded(np.ascontiguousarray(logits[start:]))
@@ -136,3 +147,98 @@ def test_judged_generation_uploads_a_candidate_and_removes_it():
     assert source(fake).generate(examples[:1], None, 4, progress=False) == ["plain"]
     with pytest.raises(FitSourceError, match="pass --admin-key"):
         source(fake).generate(examples, served, 8, progress=False)
+
+
+def npy(array) -> str:
+    return encoded(np.asarray(array))
+
+
+CAPTURED = {"usage": {"prompt_tokens": 2}}
+
+
+@pytest.mark.parametrize("broken, message", [
+    ({"/v1/models": []}, "/v1/models: the answer is not a JSON object"),
+    ({"/v1/models": {"data": [{"name": "m"}]}}, "answered without a valid data[0].id"),
+    ({"/v1/models": httpx.Response(200, text="<html>")}, "the answer is not a JSON object"),
+    ({"/v1/completions": {"choices": [{"router_logits": "x"}]}}, "without a valid usage.prompt_tokens"),
+    ({"/v1/completions": {"choices": [], **CAPTURED}}, "without a valid choices[0]"),
+    ({"/v1/completions": {"choices": [{"router_logits": "bm90IG5weQ=="}], **CAPTURED}}, "not a base64 .npy array"),
+    ({"/v1/completions": {"choices": [{"router_logits": npy([[["a"] * E] * L] * 2)}], **CAPTURED}},
+     "expected floats [tokens, layers, experts]"),
+    ({"/v1/completions": {"choices": [{"router_logits": npy(np.full((2, L, E), np.inf, np.float16))}], **CAPTURED}},
+     "non-finite"),
+    ({"/v1/completions": {"choices": [{"router_logits": npy(np.zeros((1, L, E), np.float16))}], **CAPTURED}},
+     "router_logits for 1 tokens, expected at least 2"),
+])
+def test_malformed_answers_are_named(broken, message):
+    with pytest.raises(FitSourceError) as err:
+        source(FakeServer(broken=broken)).capture([Example(label=1, prompt="x", line=7)], progress=False)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("broken, message", [
+    ({"/tokenize": {"tokens": "abc"}}, "without a valid tokens"),
+    ({"/tokenize": {"tokens": [1, "2"]}}, "tokens that are not integers"),
+])
+def test_malformed_tokenize_answers_are_named(broken, message):
+    with pytest.raises(FitSourceError, match=message):
+        source(FakeServer(broken=broken)).capture([Example(label=1, messages=(("user", "b"),))], progress=False)
+
+
+def test_malformed_generation_answers_are_named():
+    fake = FakeServer(broken={"/v1/completions": {"choices": [{"text": None}]},
+                              "/v1/chat/completions": {"choices": [{"text": "no message"}]}})
+    with pytest.raises(FitSourceError, match=r"answered without a valid choices\[0\]\.text"):
+        source(fake).generate([Example(label=1, prompt="a")], None, 4, progress=False)
+    with pytest.raises(FitSourceError, match=r"answered without a valid choices\[0\]\.message"):
+        source(fake).generate([Example(label=1, messages=(("user", "b"),))], None, 4, progress=False)
+
+
+# ---- the CLI through --server (the fake behind the real ServerSource) ------------------
+@pytest.fixture
+def cli_with(monkeypatch, tiny_model_factory, tmp_path, capsys):
+    """run(fake, *extra) -> (exit code, stdout, stderr) of `fit --server` on 10 + 10 prompts."""
+    from unipool_serve.model_executor.steering.cli import main as steering_cli
+    from unipool_serve.model_executor.steering.fit import server as server_mod
+
+    folder = tiny_model_factory("fit-server", num_hidden_layers=L, num_experts=E)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"case {i}" + (" @ then @" if y else " plain"), "label": y}) + "\n"
+                            for i in range(10) for y in (1, 0)))
+    capsys.readouterr()
+
+    def run(fake: FakeServer, *extra: str):
+        real = server_mod.ServerSource
+        monkeypatch.setattr(server_mod, "ServerSource",
+                            lambda url, **kw: real(url, transport=httpx.MockTransport(fake), **kw))
+        argv = ["fit", "--model", str(folder), "--server", "http://fake:8000", "--data", str(data), "--name", "calm",
+                "--out", str(tmp_path / "calm.safetensors"), "--lambda", "1e-3", "--alpha", "1", "2",
+                "--surrogate-epochs", "30", "--bias-epochs", "40", "--no-progress", *extra]
+        code = steering_cli(argv)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def test_cli_fits_through_a_server(cli_with, tmp_path):
+    code, out, err = cli_with(FakeServer(signal=True))
+    assert code == 0, err
+    profile = SteeringProfile.load(tmp_path / "calm.safetensors")
+    assert profile.provenance["source"] == "server http://fake:8000" and profile.bias[1, SPIKE] < 0
+    assert "| unsteered" in out
+
+
+@pytest.mark.parametrize("broken, message", [
+    ({"/v1/completions": {"choices": [{"router_logits": "%%"}], **CAPTURED}}, "not a base64 .npy array"),
+    ({"/v1/completions": httpx.Response(500, text="Internal Server Error")}, "HTTP 500: Internal Server Error"),
+])
+def test_cli_server_errors_are_one_line_and_write_nothing(cli_with, tmp_path, broken, message):
+    code, out, err = cli_with(FakeServer(broken=broken))
+    assert code == 2 and err.count("\n") == 1 and err.startswith("unipool-steering fit: error: ") and message in err
+    assert not list(tmp_path.glob("calm.safetensors*"))
+
+
+def test_cli_refuses_logits_of_another_shape(cli_with):
+    code, _, err = cli_with(FakeServer(experts=E + 1))
+    assert code == 2 and "router logits for [3, 9] (layers, experts) but the model folder is for [3, 8]" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from ...config import UniPoolConfig
 from ..profile import SteeringProfile, SteeringProfileError, check_name
+from ..shape import SteerableModel
 from .data import FitDataError, read_examples
 from .judge import JUDGE_KINDS, JudgeError, parse_judge
 from .pipeline import DEFAULT_ALPHAS, DEFAULT_LAMBDAS, FitError, FitOptions, run_fit
@@ -51,6 +53,9 @@ def add_parser(sub) -> None:
 
 def _check_args(args) -> None:
     check_name(args.name)
+    folder = args.out.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise FitError(f"--out {args.out}: {folder} is not a writable folder (checked before fitting)")
     for flag, values in (("--lambda", args.lambdas), ("--alpha", args.alphas)):
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise FitError(f"{flag} values must be non-negative numbers, got {values}")
@@ -62,11 +67,19 @@ def _check_args(args) -> None:
             raise FitError(f"{flag} must be at least 1, got {value}")
 
 
+def _unipool_config(folder: Path) -> UniPoolConfig:
+    model = SteerableModel.from_folder(folder)
+    if not model.is_unipool:
+        raise FitError(f"--model {folder}: {model.architecture} is not a UniPool model; fit captures router logits "
+                       "from UniPool models only (their reference model, or a unipool-serve server's capture)")
+    return UniPoolConfig.from_pretrained(str(folder))
+
+
 def run(args: argparse.Namespace) -> int:
     source = None
     try:
         _check_args(args)
-        config = UniPoolConfig.from_pretrained(str(args.model))
+        config = _unipool_config(args.model)
         examples, data_hash = read_examples(args.data)
         compare = [SteeringProfile.load(path, config) for path in args.compare]
         judge = parse_judge(args.judge) if args.judge else None

@@ -63,19 +63,38 @@ class ServerSource:
                 message = response.text[:300]
             raise FitSourceError(f"{method} {self.url}{path}: HTTP {response.status_code}: {message}")
         try:
-            return response.json()
+            answer = response.json()
         except ValueError:
-            raise FitSourceError(f"{method} {self.url}{path}: the answer is not JSON") from None
+            answer = None
+        if not isinstance(answer, dict):
+            raise FitSourceError(f"{method} {self.url}{path}: the answer is not a JSON object")
+        return answer
+
+    def _field(self, answer: dict, path: str, *keys, kind: type | tuple[type, ...] = object):
+        """answer[k1][k2]..., of type `kind`; a missing or mistyped field is a FitSourceError naming it."""
+        value = answer
+        try:
+            for key in keys:
+                value = value[key]
+        except (KeyError, IndexError, TypeError):
+            value = None
+        if value is None or not isinstance(value, kind) or isinstance(value, bool):
+            where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".")
+            raise FitSourceError(f"{self.url}{path} answered without a valid {where}")
+        return value
 
     def _served_model(self) -> str:
-        data = self._request("GET", "/v1/models").get("data") or []
-        if not data:
+        answer = self._request("GET", "/v1/models")
+        if not answer.get("data"):
             raise FitSourceError(f"{self.url}/v1/models lists no model")
-        return data[0]["id"]
+        return self._field(answer, "/v1/models", "data", 0, "id", kind=str)
 
     def _tokens(self, chat: list[dict[str, str]]) -> list[int]:
         body = {"model": self.model, "messages": chat, "add_generation_prompt": True}
-        return list(self._request("POST", "/tokenize", json=body)["tokens"])
+        tokens = self._field(self._request("POST", "/tokenize", json=body), "/tokenize", "tokens", kind=list)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise FitSourceError(f"{self.url}/tokenize answered with tokens that are not integers")
+        return tokens
 
     # ---- capture --------------------------------------------------------------
     def capture(self, examples: Sequence[Example], progress: bool = True) -> list[torch.Tensor]:
@@ -92,14 +111,15 @@ class ServerSource:
                 path, body["messages"] = "/v1/chat/completions", example.chat()
                 body["routed_experts_prompt_start"] = start
             answer = self._request("POST", path, json=body)
-            prompt_tokens = (answer.get("usage") or {}).get("prompt_tokens")
-            if expected is not None and prompt_tokens not in (None, expected):
+            prompt_tokens = self._field(answer, path, "usage", "prompt_tokens", kind=int)
+            if expected is not None and prompt_tokens != expected:
                 raise FitSourceError(f"line {example.line}: /tokenize gave {expected} prompt tokens but the chat "
                                      f"request used {prompt_tokens}; the span of the final user message is unknown")
             if end is None:
-                if prompt_tokens is None:
-                    raise FitSourceError(f"{self.url}{path} answered without usage.prompt_tokens")
                 end = prompt_tokens
+            if end <= start:
+                raise FitSourceError(f"line {example.line}: {path} reports {prompt_tokens} prompt tokens: "
+                                     "nothing to capture")
             logits = self._decode(answer, path, example)
             if logits.shape[0] < end - start:
                 raise FitSourceError(f"line {example.line}: {path} returned router_logits for {logits.shape[0]} "
@@ -108,18 +128,20 @@ class ServerSource:
         return traces
 
     def _decode(self, answer: dict, path: str, example: Example) -> np.ndarray:
-        choices = answer.get("choices") or [{}]
-        encoded = choices[0].get("router_logits")
+        choice = self._field(answer, path, "choices", 0, kind=dict)
+        encoded = choice.get("router_logits")
         if not isinstance(encoded, str):
             raise FitSourceError(f"{self.url}{path} returned no \"router_logits\": the server does not support "
                                  "per-request routing capture (unipool-serve with return_router_logits)")
         try:
             array = np.load(io.BytesIO(base64.b64decode(encoded)), allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise FitSourceError(f"line {example.line}: router_logits is not a base64 .npy array ({exc})") from None
-        if array.ndim != 3:
-            raise FitSourceError(f"line {example.line}: router_logits has shape {list(array.shape)}, "
-                                 "expected [tokens, layers, experts]")
+        if not isinstance(array, np.ndarray) or array.ndim != 3 or array.dtype.kind != "f":
+            raise FitSourceError(f"line {example.line}: router_logits is {getattr(array, 'dtype', '?')} of shape "
+                                 f"{list(getattr(array, 'shape', []))}, expected floats [tokens, layers, experts]")
+        if not np.isfinite(array).all():
+            raise FitSourceError(f"line {example.line}: router_logits holds non-finite values (NaN or inf)")
         return array
 
     # ---- generation -------------------------------------------------------------
@@ -139,11 +161,12 @@ class ServerSource:
                 if profile is not None:
                     body["steering"] = profile.name
                 if example.prompt is not None:
-                    choice = self._request("POST", "/v1/completions", json=body | {"prompt": example.prompt})
-                    texts.append(choice["choices"][0]["text"])
+                    answer = self._request("POST", "/v1/completions", json=body | {"prompt": example.prompt})
+                    texts.append(self._field(answer, "/v1/completions", "choices", 0, "text", kind=str))
                 else:
-                    choice = self._request("POST", "/v1/chat/completions", json=body | {"messages": example.chat()})
-                    texts.append(choice["choices"][0]["message"]["content"] or "")
+                    answer = self._request("POST", "/v1/chat/completions", json=body | {"messages": example.chat()})
+                    message = self._field(answer, "/v1/chat/completions", "choices", 0, "message", kind=dict)
+                    texts.append(message.get("content") or "")
             return texts
         finally:
             if profile is not None:
