@@ -21,6 +21,18 @@ def tiny_model_factory(tmp_path_factory):
     return write
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: tiny models gain nothing from two, and on a busy 2-core
+    machine OpenMP's spin-waiting made two threads several times slower (docs/demo-model.md)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_addoption(parser):
     parser.getgroup("unipool engine").addoption(
         "--all-families", action="store_true",

@@ -22,6 +22,7 @@ from unipool_serve.model_executor.steering.fit.judge import JudgeError, parse_ju
 from unipool_serve.model_executor.steering.fit.pipeline import FitOptions, run_fit
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 L, E, SPIKE = 4, 8, 3  # layers, experts, the expert label-1 tokens are routed to
 
 
@@ -205,7 +206,7 @@ def test_cli_fits_a_profile_on_the_crafted_model(crafted_model, tmp_path, capsys
     out = tmp_path / "calm.safetensors"
     argv = ["fit", "--model", str(crafted_model), "--data", str(data), "--name", "calm", "--out", str(out),
             "--lambda", "1e-3", "--alpha", "0.5", "1", "2", "--surrogate-epochs", "20", "--bias-epochs", "40",
-            "--no-progress"]
+            "--threads", "1", "--no-progress"]
     assert steering_cli(argv) == 0
     printed = capsys.readouterr().out
     assert "| unsteered" in printed and "random control, seed 2" in printed and f"wrote {out}" in printed
@@ -241,6 +242,7 @@ def test_cli_errors_are_one_line(tiny_model_factory, tmp_path, capsys):
     assert "made for another model" in _cli_error(capsys, base + ["--data", str(good), "--compare", str(other)])
     assert "unknown kind" in _cli_error(capsys, base + ["--data", str(good), "--judge", "sql:x"])
     assert "--alpha needs at least one positive" in _cli_error(capsys, base + ["--data", str(good), "--alpha", "0"])
+    assert "--threads must be at least 1" in _cli_error(capsys, base + ["--data", str(good), "--threads", "0"])
     nowhere = base[:-2] + [str(tmp_path / "no" / "o.safetensors"), "--no-progress", "--data", str(good)]
     assert "is not a writable folder" in _cli_error(capsys, nowhere)
     family = tmp_path / "mixtral"  # only config.json is read

@@ -22,6 +22,7 @@ from unipool_serve.model_executor.steering.fit.server import ServerSource
 from unipool_serve.model_executor.steering.fit.sources import FitSourceError, final_user_span
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 L, E, BOS, ADMIN, SPIKE = 3, 8, 1, "admin-secret", 3
 
 
