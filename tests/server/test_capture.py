@@ -157,3 +157,27 @@ def test_limits_and_routes(server):
         assert resp.status_code == 400 and message in resp.json()["error"]["message"]
     resp = http.post("/v1/responses", json={"model": "tiny", "input": "x", "return_routed_experts": True})
     assert resp.status_code == 400 and "served on" in resp.json()["error"]["message"]
+
+
+def test_fit_captures_what_the_reference_model_computes(server, tiny_model_factory):
+    """`unipool-steering fit --server`'s source: the captured tokens (every prompt token; a chat's
+    final user message) and their raw logits are the reference model's, to float16."""
+    import torch
+
+    from unipool_serve.model_executor.steering.fit.data import Example
+    from unipool_serve.model_executor.steering.fit.server import ServerSource
+    from unipool_serve.model_executor.steering.fit.sources import ReferenceSource
+
+    model = tiny_model_factory("capture-model", seed=7, num_experts_per_tok=TOP_K, router_type="softmax",
+                               norm_topk_prob=True)  # the server fixture's folder (the factory caches it)
+    examples = [Example(label=1, prompt=PROMPT),
+                Example(label=0, messages=(("system", "be brief"), ("user", "first"), ("assistant", "ok"),
+                                           ("user", "and the last one")))]
+    source = ServerSource(server.url, api_key=API_KEY)
+    try:
+        captured = source.capture(examples, progress=False)
+    finally:
+        source.close()
+    for got, want in zip(captured, ReferenceSource(model).capture(examples, progress=False)):
+        assert got.dtype == torch.float16 and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want, atol=2e-3 * max(1.0, float(want.abs().max())), rtol=0)
