@@ -1,4 +1,4 @@
-"""The demo model served with pipeline parallel 2 across two Ray nodes on this machine.
+"""The demo model served across two Ray nodes on this machine: pipeline parallel 2, tensor parallel 2.
 
 Opt-in (`pytest --ray`), skipped unless `ray` is importable; not in CI. Ray is not one of
 the project's dependencies: run it from an environment holding the project's lock plus
@@ -9,16 +9,17 @@ The module starts its own two Ray nodes with scripts/ray-two-nodes.sh (a head on
 and stops them at the end: every process of their process group, then any process left
 whose command line names their temp dir.
 
-Two servers, one after the other, with the same steering profiles (the demo's `code` and
-`prose`, plus three written here for the demo's 4 layers x 16 experts, top-1):
+Three servers, one after the other, with the same steering profiles (the demo's `code`
+and `prose`, plus three written here for the demo's 4 layers x 16 experts, top-1):
   single  `unipool-serve` with one engine worker (the reference);
-  ray     `unipool-serve --distributed-executor-backend ray --pipeline-parallel-size 2`.
-Checked on `ray`: its two workers are Ray actors on the two different nodes; greedy
-outputs, unsteered and steered, equal `single`'s token for token, both alone and sent
-together (a mixed batch); and steering takes effect on both stages: `split` includes
-expert 6 in layers 0-1 (stage 0) and expert 5 in layers 2-3 (stage 1), so every computed
-token is routed exactly twice to each; `only-e5` routes every token of all 4 layers to
-expert 5; `no-e5` never routes to it. Nothing depends on what the model emits beyond
+  pp2     `unipool-serve --distributed-executor-backend ray --pipeline-parallel-size 2`;
+  tp2     `unipool-serve --distributed-executor-backend ray --tensor-parallel-size 2`.
+Checked on pp2 and tp2: the two workers are Ray actors on the two different nodes;
+greedy outputs, unsteered and steered, equal `single`'s, both alone and sent together
+(a mixed batch); and steering takes effect in every layer, on both stages under PP:
+`split` includes expert 6 in layers 0-1 (stage 0) and expert 5 in layers 2-3 (stage 1),
+so every computed token is routed exactly twice to each; `only-e5` routes every token of
+all 4 layers to expert 5; `no-e5` never routes to it. Nothing depends on what the model emits beyond
 equality between runs, and nothing on timing (every wait polls up to a deadline).
 """
 
@@ -86,7 +87,7 @@ def steering_dir(tmp_path_factory) -> Path:
     return path
 
 
-def _complete(server: Server, prompt: str, profile: str | None) -> tuple[list[int] | str, int]:
+def _complete(server: Server, prompt: str, profile: str | None) -> tuple[str, int]:
     """(greedy completion, tokens computed: prompt + generated - 1)."""
     body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
     if profile:
@@ -208,13 +209,16 @@ def ray_nodes(single_outputs):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def ray_server(ray_nodes, steering_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("ray-server") / "server.log"
+LAYOUTS = {"pp2": ["--pipeline-parallel-size", "2"], "tp2": ["--tensor-parallel-size", "2"]}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def ray_server(request, ray_nodes, steering_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp(f"ray-server-{request.param}") / "server.log"
     started = time.monotonic()
-    extra = ["--distributed-executor-backend", "ray", "--pipeline-parallel-size", "2"]
+    extra = ["--distributed-executor-backend", "ray", *LAYOUTS[request.param]]
     with _serve(steering_dir, log, extra, {"RAY_ADDRESS": ray_nodes}) as process:
-        print(f"\n[ray] PP=2 server on two Ray nodes ready in {time.monotonic() - started:.0f}s")
+        print(f"\n[ray] {request.param} server on two Ray nodes ready in {time.monotonic() - started:.0f}s")
         yield ray_nodes, Server(process, steering_dir)
 
 
@@ -259,7 +263,7 @@ def test_mixed_batch_equals_solo_runs(ray_server, single_outputs):
     assert any(single_outputs[(p, None)] != single_outputs[(p, s)] for p in PROMPTS for s in PROFILES[1:])
 
 
-def test_steering_reaches_both_stages(ray_server):
+def test_steering_reaches_every_layer_and_stage(ray_server):
     _, server = ray_server
     prompt = PROMPTS[0]
     (_, computed), routing = server.routing_of(lambda: _complete(server, prompt, "split"))
