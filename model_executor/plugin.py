@@ -25,6 +25,10 @@ def register() -> None:
     """Register the HF config class and the vLLM model class; safe to call repeatedly."""
     register_config()
 
+    from unipool_serve.model_executor import ray_cpu
+
+    ray_cpu.install()  # `--distributed-executor-backend ray` on the CPU build (a no-op without Ray)
+
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():

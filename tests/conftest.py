@@ -37,6 +37,10 @@ def pytest_addoption(parser):
     parser.getgroup("unipool engine").addoption(
         "--all-families", action="store_true",
         help="tests/engine/test_families_engine.py on every vLLM MoE family, not only CI's subset")
+    parser.getgroup("unipool ray").addoption(
+        "--ray", action="store_true",
+        help="tests/server/test_ray_pipeline.py: two local Ray nodes, pipeline parallel 2 across them "
+             "(needs `ray` installed beside the project, see docs/deploy.md; minutes)")
     group = parser.getgroup("unipool reliability")
     group.addoption("--reliability-full", action="store_true",
                     help="tests/reliability at full size (minutes of load, >= 1,000 fuzz cases per generation route)")

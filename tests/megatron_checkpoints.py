@@ -76,7 +76,7 @@ def write_checkpoint(folder: Path, **spec) -> dict:
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         procs.append(subprocess.Popen([sys.executable, __file__, str(folder)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    outputs = [p.communicate(timeout=1800)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError("megatron-core checkpoint writer failed:\n" + "\n".join(o[-4000:] for o in outputs))
     return spec

@@ -21,7 +21,7 @@ def test_serving_harness_smoke(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "benchmarks" / "run_serving.py"), "--smoke", "--out-dir", str(out),
            "--work-dir", str(tmp_path / "work"), "--wait-quiet", "30"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=420)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     data = json.loads((out / "serving-smoke.json").read_text())

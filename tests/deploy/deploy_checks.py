@@ -38,7 +38,7 @@ def tool(name: str) -> str:
 
 def run(cmd: list[str], cwd: Path | None = None) -> str:
     """Run a command; fail the test with its output when it exits non-zero."""
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}", pytrace=False)
     return proc.stdout + proc.stderr

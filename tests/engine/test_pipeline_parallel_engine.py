@@ -1,7 +1,7 @@
 """Pipeline parallel 2 on the CPU build: each stage holds only the pools its layers use.
 
-A global pool is replicated on both stages; grouped pools whose layers sit on one stage
-live on that stage only. Outputs equal the reference model in fp32; a steering profile
+A global pool is replicated on both stages; grouped pools whose layers sit on one stage,
+and plain per-layer pools, live on their stage only. Outputs equal the reference model in fp32; a steering profile
 reaches both stages (its include holds in every layer); routing counts are merged across
 stages the way the server's metrics merge them (elementwise max: a stage counts zero for
 the layers it does not hold). The two ranks need VLLM_CPU_OMP_THREADS_BIND="0|1".
@@ -20,6 +20,7 @@ BASE = dict(num_hidden_layers=4, num_experts=8, expert_intermediate_size=64, rou
 LAYOUTS = {
     "global": dict(BASE, layers_per_pool=4),  # one pool, needed by both stages
     "grouped": dict(BASE, layers_per_pool=2, layers_per_router=2),  # pool 0 on stage 0, pool 1 on stage 1
+    "vanilla": dict(BASE, layers_per_pool=1, layers_per_router=1),  # plain per-layer MoE: 2 pools per stage
 }
 
 

@@ -76,3 +76,31 @@ def test_cpu_backend_matches_reference_with_padding():
     got = backend(x, pool, dropped, weights)
     torch.testing.assert_close(got, pool_moe(x, w13, w2, dropped, weights), atol=1e-5, rtol=1e-5)
     assert got[3].abs().max() == 0
+
+
+def test_ray_cpu_adapter_only_with_ray():
+    """register() leaves vLLM's Ray executor alone where Ray is not installed (CI); where it is,
+    importing the executor patches it for the CPU platform (model_executor/ray_cpu.py)."""
+    import importlib.util
+    import pickle
+    import sys
+
+    from unipool_serve.model_executor import ray_cpu
+    from unipool_serve.model_executor.plugin import register
+
+    register()
+    if importlib.util.find_spec("ray") is None:
+        assert not ray_cpu._installed
+        assert not any(isinstance(f, ray_cpu._PatchOnImport) for f in sys.meta_path)
+        return
+    import vllm.v1.executor.ray_executor as legacy
+    import vllm.v1.executor.ray_executor_v2 as v2
+    from vllm.platforms.cpu import CpuPlatform
+
+    assert CpuPlatform.ray_device_key == "CPU"
+    assert v2.RayExecutorV2._get_actor_resource_kwargs() == {"num_gpus": 0}
+    worker = v2.RayWorkerProc
+    assert (worker.__module__, worker.__qualname__) == (ray_cpu.__name__, "CpuRayWorkerProc")
+    assert pickle.loads(pickle.dumps(worker)) is worker  # Ray ships the actor class by reference
+    with pytest.raises(ValueError, match="legacy Ray executor"):
+        legacy.RayDistributedExecutor._init_executor(None)

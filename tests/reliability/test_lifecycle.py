@@ -66,7 +66,7 @@ def test_sigterm_under_load_drains_and_exits_zero(tiny_model_factory, tmp_path_f
         while ready == 200 and time.monotonic() < deadline:  # the drain flag is set by vLLM's shutdown thread
             ready = httpx.get(f"{server.url}/ready", timeout=10).status_code
         late = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                          json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2}, timeout=30)
+                          json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2}, timeout=120)
         for t in threads:
             t.join(300)
         code = server.proc.wait(timeout=120)
@@ -97,7 +97,7 @@ def test_a_dead_engine_gives_503_and_a_failing_health_check(tiny_model_factory, 
                 health = "refused"  # the API process has exited: also not healthy
         try:
             completion = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                                    json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2}, timeout=30).status_code
+                                    json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2}, timeout=120).status_code
         except httpx.TransportError:
             completion = "refused"
     report(health_after_kill=health, completion_after_kill=completion)

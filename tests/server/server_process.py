@@ -53,7 +53,7 @@ class Server:
     def client(self, key: str | None = API_KEY):
         from openai import OpenAI
 
-        return OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=120)
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=600)
 
     def http(self, key: str | None = API_KEY) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}

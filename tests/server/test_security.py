@@ -139,7 +139,7 @@ def _websocket_handshake(url: str, path: str, key: str | None) -> int:
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
     request = (f"GET {path} HTTP/1.1\r\nHost: {parsed.hostname}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n")
-    with socket.create_connection((parsed.hostname, parsed.port), timeout=30) as sock:
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=120) as sock:
         sock.sendall(request.encode())
         status_line = sock.recv(4096).split(b"\r\n", 1)[0].decode()
     return int(status_line.split()[1])

@@ -449,10 +449,10 @@ def test_no_tokenizer_is_an_error_naming_the_flags(real, tmp_path):
 def test_installed_command_reports_bad_input_in_one_line(tmp_path):
     exe = Path(sys.executable).parent / "unipool-convert"
     done = subprocess.run([str(exe), "megatron", str(tmp_path / "nowhere"), str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"unipool-convert: error: CKPT_DIR {tmp_path / 'nowhere'} is not a folder: pass Megatron's --save folder "
         "or one of its iter_XXXXXXX folders"]
-    usage = subprocess.run([str(exe), "megatron", "--dtype", "int8", "a", "b"], capture_output=True, text=True, timeout=120)
+    usage = subprocess.run([str(exe), "megatron", "--dtype", "int8", "a", "b"], capture_output=True, text=True, timeout=600)
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1 and "--dtype" in usage.stderr
