@@ -130,7 +130,7 @@ class UniPoolEndpointPlugin:
             capture_refused = "routing capture is served for UniPool models only"
         SteeringEnforcer(store, secret, on_admit=self._count_request, on_refuse=self._count_error,
                          max_capture_bytes=self.settings.max_capture_bytes,
-                         capture_refused=capture_refused).install(engine_client.engine_core)
+                         capture_refused=capture_refused).install(engine_client)
         self.metrics = PoolMetrics(get_prometheus_registry(), list(model.layer_to_pool), model.num_experts,
                                    self.settings.metrics_interval, setting("UNIPOOL_METRICS_MAX_EXPERT_SERIES"))
         await self.metrics.refresh(engine_client)  # baseline: warm-up runs are not served tokens

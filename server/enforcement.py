@@ -115,7 +115,9 @@ class SteeringEnforcer:
         self.max_capture_bytes = max_capture_bytes
         self.capture_refused = capture_refused  # why this engine cannot capture routing (None: it can)
 
-    def install(self, engine_core) -> None:
+    def install(self, engine_client) -> None:
+        """Wrap `engine_client.engine_core.add_request_async` (engine_client: vLLM's AsyncLLM)."""
+        engine_core, outputs = engine_client.engine_core, engine_client.output_processor
         submit = engine_core.add_request_async
 
         async def add_request_async(request):
@@ -124,6 +126,10 @@ class SteeringEnforcer:
             except SteeringRefused as refused:
                 if self.on_refuse is not None:
                     self.on_refuse(refused.reason)
+                # AsyncLLM registered the request with its output processor before this call and
+                # does not take it back for a client error (n = 1): left there it would count as
+                # running for ever, and a shutdown would wait its whole grace period for it.
+                outputs.abort_requests([request.request_id], internal=True)
                 raise as_vllm_error(refused) from None
             return await submit(request)
 

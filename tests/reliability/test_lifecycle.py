@@ -57,6 +57,11 @@ def _streams(server, count: int):
 def test_sigterm_under_load_drains_and_exits_zero(tiny_model_factory, tmp_path_factory, full, report):
     streams = 32 if full else 8
     with start(tmp_path_factory, tiny_model_factory("lifecycle-model", seed=2), []) as server:
+        # a request the enforcement point refuses first: it must not stay registered as running
+        refused = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                             json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "steering": "no-such"},
+                             timeout=120)
+        assert refused.status_code == 400, refused.text
         started, results, threads = _streams(server, streams)
         for _ in range(streams):
             assert started.acquire(timeout=300)  # every stream is running in the engine

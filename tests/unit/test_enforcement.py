@@ -30,12 +30,31 @@ class FakeCore:
         self.sent.append(request)
 
 
+class FakeOutputs:
+    """The output processor, which AsyncLLM registers each request with before submitting it."""
+
+    def __init__(self):
+        self.aborted = []
+
+    def abort_requests(self, request_ids, internal):
+        assert internal
+        self.aborted.extend(request_ids)
+        return list(request_ids)
+
+
+class FakeClient:
+    def __init__(self):
+        self.engine_core, self.output_processor = FakeCore(), FakeOutputs()
+
+
 def _setup():
     store = ProfileStore(CFG, max_profiles=4)
     for name, expert in (("a", 1), ("b", 2)):
         asyncio.run(store.add(SteeringProfile.for_config(CFG, name=name, exclude={0: [expert]}), persist=False))
-    core, admitted = FakeCore(), []
-    SteeringEnforcer(store, SECRET, on_admit=admitted.append).install(core)
+    client, admitted = FakeClient(), []
+    SteeringEnforcer(store, SECRET, on_admit=admitted.append).install(client)
+    core = client.engine_core
+    core.outputs = client.output_processor
     return store, core, admitted
 
 
@@ -91,7 +110,9 @@ def test_asked_profiles_user_salts_and_refusals():
     with pytest.raises(VLLMValidationError, match="conflicting"):
         _submit(core, _request(extra_args={"steering": "b"}), RequestContext(asked="a"))
     with pytest.raises(VLLMValidationError, match="available profiles: \\['a', 'b'\\]"):
-        _submit(core, _request(), RequestContext(asked="zzz"))
+        _submit(core, _request(request_id="r-unknown"), RequestContext(asked="zzz"))
+    # every refused request is taken back from the output processor, where AsyncLLM put it
+    assert core.outputs.aborted == ["r1", "r1", "r-unknown"]
 
 
 def test_deny_by_default():
