@@ -13,6 +13,7 @@ check, then SIGTERM (drain, exit 0), the health check failing afterwards, and wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -179,8 +180,18 @@ def server(container, config, port, marker, tmp_path_factory, measured):
         yield server
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            # The container's processes first, so that `buildah run` exits on its own and removes its run
+            # folder; buildah itself only when that does not do it.
+            with contextlib.suppress(psutil.Error):
+                for p in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if not p.name().startswith("memfd:"):
+                            p.kill()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def healthcheck(container: str, config: ImageConfig, port: int) -> tuple[int, float, str]:
