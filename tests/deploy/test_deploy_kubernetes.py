@@ -261,3 +261,36 @@ def test_manifest_promql_uses_exported_metrics():
     queries += [t["metadata"]["query"] for t in one("overlays/gpu-keda", "ScaledObject")["spec"]["triggers"]]
     for q in queries:
         assert promql_metric_names(q) <= exported_metric_names(), q
+
+
+def test_cpu_demo_overlay_agrees_with_the_cpu_image():
+    """Image name, port, probe paths, user, environment: the overlay's pod against Dockerfile.cpu
+    (tests/image makes the same comparison against a built image's own configuration)."""
+    from image_contract import from_dockerfile, overlay_disagreements
+
+    from unipool_serve.server.cli import our_parser
+
+    path = "overlays/cpu-demo"
+    pod = one(path, "Deployment")["spec"]["template"]["spec"]
+    c = container(path)
+    assert overlay_disagreements(from_dockerfile(), pod, c) == []
+    # Every argument the overlay passes is one of unipool-serve's own flags (none falls through to vLLM).
+    ours, rest = our_parser().parse_known_args(c["args"])
+    assert rest == [] and ours.model is None
+
+
+def test_the_image_comparison_catches_a_mismatch():
+    from image_contract import from_dockerfile, overlay_disagreements
+
+    path = "overlays/cpu-demo"
+    pod = one(path, "Deployment")["spec"]["template"]["spec"]
+    c = container(path)
+    image = from_dockerfile()
+    pod["securityContext"]["runAsUser"] = 1000
+    c["image"] = "unipool-serve:latest"
+    c["readinessProbe"]["httpGet"]["path"] = "/health"
+    c["env"].append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": "4"})
+    image.exposed_ports = {8080}
+    found = " | ".join(overlay_disagreements(image, pod, c))
+    for what in ("runAsUser", "unipool-serve:latest", "readinessProbe", "VLLM_CPU_KVCACHE_SPACE", "EXPOSE"):
+        assert what in found, what
