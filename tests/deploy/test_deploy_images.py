@@ -10,21 +10,10 @@ import tomllib
 import pytest
 
 from deploy_checks import DEPLOY, ROOT, run, tool
+from image_contract import dockerfile_instructions as instructions
 
 GPU = ROOT / "Dockerfile"
 CPU = DEPLOY / "docker" / "Dockerfile.cpu"
-
-
-def instructions(path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(
-        line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")))
-    out = []
-    for line in text.splitlines():
-        if line.strip():
-            word, _, rest = line.strip().partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
 
 
 def last(path, word: str) -> str:

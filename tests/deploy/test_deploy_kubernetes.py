@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from deploy_checks import KUSTOMIZE, exported_metric_names, promql_metric_names, run, tool
+from image_contract import arg_value
 
 import kubernetes_validate  # the `dev` extra installs it
 
@@ -43,15 +44,6 @@ def container(path: str) -> dict:
     pod = one(path, "Deployment")["spec"]["template"]["spec"]
     (c,) = [c for c in pod["containers"] if c["name"] == DEPLOYMENT]
     return c
-
-
-def arg_value(args: list[str], flag: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == flag:
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
 
 
 def test_every_overlay_is_checked():
