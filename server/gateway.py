@@ -35,6 +35,10 @@ MAX_BODY_BYTES = 32 << 20
 BODY_METHODS = ("POST", "PUT", "PATCH")
 RAW_BODY_ROUTES = {("POST", "/v1/steering/profiles")}  # binary uploads: never parsed as JSON
 CAPTURE_ROUTES = {"/v1/completions", "/v1/chat/completions"}  # whose responses server/capture.py fills
+# vLLM 0.32's ResponsesRequest accepts null for `background` and `truncation`, its ResponsesResponse
+# does not: a streamed response then dies after its headers (a broken connection). In the OpenAI
+# API null means "not given", so a top-level null is dropped here and the field takes its default.
+NULL_MEANS_DEFAULT_ROUTES = {"/v1/responses"}
 METRICS_ROUTE = "/metrics"
 RETRY_AFTER_S = 5
 
@@ -113,6 +117,11 @@ class SteeringGateway:
             return body, ctx
         ours = (contract.REQUEST_FIELD, contract.BUDGET_FIELD, *contract.CAPTURE_FIELDS)
         changed = any(key in request for key in ours)
+        if template in NULL_MEANS_DEFAULT_ROUTES:
+            nulls = [key for key, value in request.items() if value is None]
+            for key in nulls:
+                del request[key]
+            changed = changed or bool(nulls)
         budget = expert_budget(request.pop(contract.BUDGET_FIELD, None))
         capture = capture_flags(request, template)
         top = request.pop(contract.REQUEST_FIELD, None)
