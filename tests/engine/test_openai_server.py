@@ -21,7 +21,7 @@ from engine_checks import LOGPROB_TOL, reference_logprobs, reference_model
 
 pytestmark = pytest.mark.engine
 
-START_TIMEOUT_S = 480
+START_TIMEOUT_S = 1800
 PROMPT = [5, 77, 190, 23, 8, 41, 260, 99, 13]
 MAX_TOKENS = 12
 

@@ -25,7 +25,7 @@ def _running(server) -> float:
 def _settled(server) -> float:
     """vllm:num_requests_running once it stops moving: aborts of vanished clients land asynchronously,
     so wait for the gauge (a bound for failure, not a timing assumption: it settles within seconds)."""
-    running, deadline = _running(server), time.monotonic() + 120
+    running, deadline = _running(server), time.monotonic() + 600
     while running and time.monotonic() < deadline:
         time.sleep(0.5)
         running = _running(server)
