@@ -122,6 +122,7 @@ class SteeringGateway:
             for key in nulls:
                 del request[key]
             changed = changed or bool(nulls)
+            refuse_empty_messages(request.get("input"))
         budget = expert_budget(request.pop(contract.BUDGET_FIELD, None))
         capture = capture_flags(request, template)
         top = request.pop(contract.REQUEST_FIELD, None)
@@ -153,6 +154,17 @@ class SteeringGateway:
         scope["headers"] = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
         scope["headers"].append((b"content-length", str(len(rewritten)).encode()))
         return rewritten, replace(ctx, asked=asked, budget=budget, capture=capture)
+
+
+def refuse_empty_messages(items) -> None:
+    """A Responses input message with an empty `content` list: vLLM 0.32 indexes its first part
+    (an IndexError, answered 500), so it is refused here with a 400 naming the item."""
+    if not isinstance(items, list):
+        return
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("type", "message") == "message" and item.get("content") == []:
+            raise APIError(400, f"input[{i}].content is empty: a message needs at least one content part",
+                           param=f"input[{i}].content", code="invalid_input")
 
 
 def capture_flags(request: dict, template: str) -> int:

@@ -40,6 +40,7 @@ BODIES = [  # (name, raw body, content type)
     # null where vLLM's response model wants a value (found by the full fuzzing run on /v1/responses)
     ("nulls-streamed", b'{"model": "tiny", "input": "x", "prompt": "x", "stream": true, "max_tokens": 1, '
                        b'"max_output_tokens": 1, "background": null, "truncation": null}', JSON),
+    ("empty-message", b'{"model": "tiny", "input": [{"type": "message", "role": "assistant", "content": []}]}', JSON),
     ("text-plain", b"hello", "text/plain"),
     ("form", b"a=1&b=2", "application/x-www-form-urlencoded"),
     ("too-large", b'{"prompt": "' + b"x" * (33 << 20) + b'"}', JSON),

@@ -15,7 +15,7 @@ from unipool_serve.server.policy import AccessPolicy
 
 def _app() -> FastAPI:
     app = FastAPI()
-    for path in ("/v1/completions", "/v1/steering/profiles", "/collective_rpc", "/some_new_vllm_route"):
+    for path in ("/v1/completions", "/v1/responses", "/v1/steering/profiles", "/collective_rpc", "/some_new_vllm_route"):
         app.add_api_route(path, lambda: None, methods=["POST"])
     app.add_api_route("/v1/responses/{response_id}", lambda: None, methods=["GET"])
     app.add_api_route("/health", lambda: None, methods=["GET"])
@@ -106,6 +106,19 @@ def test_keys_and_bindings():
 def test_bad_steering_input_is_a_400_in_the_envelope(body, code):
     status, error = _call(KEYS, body, key="k1")
     assert status == 400 and error["code"] == code and error["message"]
+
+
+def test_responses_nulls_take_defaults_and_empty_messages_are_refused():
+    # vLLM 0.32's Responses API breaks on these (a stream cut after its headers; a 500)
+    _, seen = _call(AccessPolicy(), {"model": "m", "input": "x", "background": None, "truncation": None},
+                    path="/v1/responses")
+    assert json.loads(seen["body"]) == {"model": "m", "input": "x"}
+    _, kept = _call(AccessPolicy(), {"model": "m", "prompt": "x", "user": None})
+    assert json.loads(kept["body"]) == {"model": "m", "prompt": "x", "user": None}  # other routes: untouched
+    status, error = _call(AccessPolicy(), {"model": "m", "input": [
+        {"role": "user", "content": "hi"}, {"type": "message", "role": "assistant", "content": []}]},
+        path="/v1/responses")
+    assert status == 400 and error["param"] == "input[1].content"
 
 
 def test_route_classes():
