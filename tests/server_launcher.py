@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,3 +66,38 @@ def run_server(args: list[str], log: Path, env: dict[str, str] | None = None, py
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def start_streams(url: str, count: int, body: dict, headers: dict[str, str] | None = None):
+    """Start `count` streaming completions of `body` (with `stream_options.include_usage`).
+
+    Returns (started, results, threads): `started` is released once per stream at its first
+    chunk (an observed "running in the engine"), or at its end if none came; `results` gets
+    (status, completion tokens of the usage chunk) per stream, or the transport error's name.
+    """
+    started, results, lock = threading.Semaphore(0), [], threading.Lock()
+
+    def run():
+        tokens, status, signalled = None, None, False
+        try:
+            with httpx.Client(base_url=url, headers=headers or {}, timeout=300) as client:
+                with client.stream("POST", "/v1/completions", json=body) as resp:
+                    status = resp.status_code
+                    for line in resp.iter_lines():
+                        if line.startswith("data: {"):
+                            if not signalled:
+                                signalled = True
+                                started.release()
+                            tokens = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", tokens)
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        finally:
+            if not signalled:
+                started.release()
+            with lock:
+                results.append((status, tokens))
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return started, results, threads

@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import psutil
 import pytest
 import yaml
 from deploy_checks import KUSTOMIZE, exported_metric_names, run, tool
+from server_launcher import free_port, start_streams
 from image_contract import CPU_OVERLAY, ImageConfig, arg_value, from_inspect, overlay_disagreements
 
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
@@ -54,12 +54,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -297,32 +291,9 @@ def test_healthcheck_passes_while_serving(server, container, config, measured):
 def test_sigterm_drains_running_requests_and_exits_zero(server, measured):
     """`docker stop`: SIGTERM to the container's main process. /ready turns 503 at once, new requests get
     503, the running streams finish in full, and the process exits 0 (what `buildah run` passes on)."""
-    started, results, lock = threading.Semaphore(0), [], threading.Lock()
-
-    def stream():
-        body = {"model": "unipool-demo", "prompt": "The old river", "max_tokens": STREAM_TOKENS, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
-        status, tokens, signalled = None, None, False
-        try:
-            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=300) as resp:
-                status = resp.status_code
-                for line in resp.iter_lines():
-                    if line.startswith("data: {"):
-                        if not signalled:
-                            signalled = True
-                            started.release()
-                        tokens = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", tokens)
-        except httpx.HTTPError as exc:
-            status = type(exc).__name__
-        finally:
-            if not signalled:
-                started.release()
-            with lock:
-                results.append((status, tokens))
-
-    threads = [threading.Thread(target=stream) for _ in range(STREAMS)]
-    for t in threads:
-        t.start()
+    body = {"model": "unipool-demo", "prompt": "The old river", "max_tokens": STREAM_TOKENS, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    started, results, threads = start_streams(server.url, STREAMS, body)
     for _ in range(STREAMS):
         assert started.acquire(timeout=300)  # every stream has its first chunk: running in the engine
     log_before = len(server.log.read_text(errors="replace"))

@@ -6,16 +6,15 @@ first chunk arrived), never a wait on the clock.
 
 from __future__ import annotations
 
-import json
 import re
 import signal
-import threading
 import time
 
 import httpx
 import psutil
 import pytest
 
+from server_launcher import start_streams
 from server_process import API_KEY, PROMPT, start
 
 pytestmark = pytest.mark.server
@@ -23,35 +22,10 @@ TOKENS = 120
 
 
 def _streams(server, count: int):
-    """Start `count` streaming completions; returns (all-first-chunks event, results list, threads)."""
-    started, results, lock = threading.Semaphore(0), [], threading.Lock()
-
-    def run():
-        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": TOKENS, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
-        tokens, status, signalled = None, None, False
-        try:
-            with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300) as c:
-                with c.stream("POST", "/v1/completions", json=body) as resp:
-                    status = resp.status_code
-                    for line in resp.iter_lines():
-                        if line.startswith("data: {"):
-                            if not signalled:
-                                signalled = True
-                                started.release()
-                            tokens = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", tokens)
-        except httpx.HTTPError as exc:
-            status = type(exc).__name__
-        finally:
-            if not signalled:
-                started.release()
-            with lock:
-                results.append((status, tokens))
-
-    threads = [threading.Thread(target=run) for _ in range(count)]
-    for t in threads:
-        t.start()
-    return started, results, threads
+    """Start `count` streaming completions; returns (all-first-chunks semaphore, results list, threads)."""
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": TOKENS, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    return start_streams(server.url, count, body, {"Authorization": f"Bearer {API_KEY}"})
 
 
 def test_sigterm_under_load_drains_and_exits_zero(tiny_model_factory, tmp_path_factory, full, report):
