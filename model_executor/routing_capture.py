@@ -63,13 +63,14 @@ class CapturedRequests:
 
     def collect(self, spans: list[tuple[str, int, int]], positions: torch.Tensor) -> None:
         """Copy out this step's rows: spans are (request id, first token, end token) in the step."""
-        ids = self.capture.ids[:, : positions.shape[0]].cpu().numpy()  # [L, T, k]
+        # copies: on CPU `.cpu()` returns the buffer itself, and the next step overwrites it
+        ids = self.capture.ids[:, : positions.shape[0]].to("cpu", copy=True).numpy()  # [L, T, k]
         logits = None
         steps = positions.cpu().numpy()
         for request_id, start, end in spans:
             entry = self._rows[request_id]
             if entry["flags"] & CAPTURE_LOGITS and logits is None:
-                logits = self.capture.logits[:, : positions.shape[0]].cpu().numpy()  # [L, T, E]
+                logits = self.capture.logits[:, : positions.shape[0]].to("cpu", copy=True).numpy()  # [L, T, E]
             for offset, position in enumerate(steps[start:end], start=start):
                 entry["experts"][int(position)] = ids[:, offset]
                 if entry["flags"] & CAPTURE_LOGITS:
