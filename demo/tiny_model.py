@@ -25,16 +25,17 @@ def tiny_config(**overrides) -> UniPoolConfig:
 
 
 def write_tiny_model(path: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                     **config_overrides) -> Path:
+                     every_byte_tokenizer: bool = False, **config_overrides) -> Path:
     """Write config.json, model.safetensors and tokenizer files for any config into `path`.
 
     Weights are drawn from a generator seeded with `seed`, so a folder is reproducible.
-    NormRouter scales are drawn around 1 so that they are really exercised.
+    NormRouter scales are drawn around 1 so that they are really exercised. The tokenizer's
+    ids all decode to text unless `every_byte_tokenizer` (demo/tokenizer.py).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = tiny_config(**config_overrides)
-    write_small_tokenizer(path, vocab_size=config.vocab_size)  # every id of the model decodes to text
+    write_small_tokenizer(path, vocab_size=config.vocab_size, every_byte=every_byte_tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = UniPoolForCausalLM(config)

@@ -48,15 +48,21 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, alphabet: list[str] |
     )
 
 
-def write_small_tokenizer(path: str | Path, vocab_size: int) -> PreTrainedTokenizerFast:
+def write_small_tokenizer(path: str | Path, vocab_size: int, every_byte: bool = False) -> PreTrainedTokenizerFast:
     """A tokenizer of exactly `vocab_size` tokens, trained on a few built-in lines (tiny models).
 
-    Every id decodes to text, whatever a random model emits: the alphabet is ASCII (a
-    byte-level token can never be half of a UTF-8 character, which a detokenizer holds
-    back), and when BPE saturates below `vocab_size` the rest are plain added tokens
+    By default every id decodes to text, whatever a random model emits: the alphabet is
+    ASCII (a byte-level token can never be half of a UTF-8 character, which a detokenizer
+    holds back), and when BPE saturates below `vocab_size` the rest are plain added tokens
     `<tok_N>` rather than ids the tokenizer does not know.
+
+    `every_byte=True` takes all 256 bytes instead, like the tokenizers of the model families
+    served in production: it can spell any text (an ASCII tokenizer cannot spell "é", so a
+    structured-output grammar that requires it leaves no token to sample), but a random
+    model may emit half a character.
     """
-    tokenizer = train_tokenizer(_SAMPLE_TEXT * 4, vocab_size, alphabet=ascii_alphabet())
+    alphabet = None if every_byte else ascii_alphabet()
+    tokenizer = train_tokenizer(_SAMPLE_TEXT * 4, vocab_size, alphabet=alphabet)
     if len(tokenizer) > vocab_size:
         raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's base ({len(tokenizer)} tokens)")
     tokenizer.add_tokens([f"<tok_{i}>" for i in range(len(tokenizer), vocab_size)])

@@ -41,6 +41,13 @@ BODIES = [  # (name, raw body, content type)
     ("nulls-streamed", b'{"model": "tiny", "input": "x", "prompt": "x", "stream": true, "max_tokens": 1, '
                        b'"max_output_tokens": 1, "background": null, "truncation": null}', JSON),
     ("empty-message", b'{"model": "tiny", "input": [{"type": "message", "role": "assistant", "content": []}]}', JSON),
+    # grammars that require a character outside ASCII (an ASCII-only tokenizer cannot continue them)
+    ("grammar-non-ascii", '{"model": "tiny", "prompt": "x", "input": "x", "max_tokens": 2, "max_output_tokens": 2, '
+                          '"structured_outputs": {"regex": "é+"}, '
+                          '"text": {"format": {"type": "json_schema", "name": "e", "schema": {"enum": ["é"]}}}}'.encode(), JSON),
+    ("grammar-non-ascii-chat", '{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, '
+                               '"response_format": {"type": "json_schema", "json_schema": {"name": "e", '
+                               '"schema": {"enum": ["é"]}}}}'.encode(), JSON),
     ("text-plain", b"hello", "text/plain"),
     ("form", b"a=1&b=2", "application/x-www-form-urlencoded"),
     ("too-large", b'{"prompt": "' + b"x" * (33 << 20) + b'"}', JSON),
