@@ -11,7 +11,6 @@ import signal
 import time
 
 import httpx
-import psutil
 import pytest
 
 from server_launcher import start_streams
@@ -63,8 +62,7 @@ def test_sigterm_under_load_drains_and_exits_zero(tiny_model_factory, tmp_path_f
 
 def test_a_dead_engine_gives_503_and_a_failing_health_check(tiny_model_factory, tmp_path_factory, report):
     with start(tmp_path_factory, tiny_model_factory("lifecycle-model", seed=2), []) as server:
-        engines = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
-                   if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        engines = server.engine_processes()
         assert engines, "no engine process found"
         for engine in engines:
             engine.kill()

@@ -9,6 +9,7 @@ around one request is exactly that request's routing.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -58,6 +59,33 @@ class Server:
     def http(self, key: str | None = API_KEY) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    def engine_processes(self) -> list:
+        """The server's engine-core processes (vLLM's EngineCore), as psutil processes."""
+        import psutil
+
+        return [p for p in psutil.Process(self.proc.pid).children(recursive=True)
+                if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+
+    @contextlib.contextmanager
+    def engine_frozen(self):
+        """SIGSTOP the engine core for the block: the API still admits requests, but no step runs,
+        so nothing admitted meanwhile can finish (utility calls wait in its queue)."""
+        engines = self.engine_processes()
+        assert engines, "no engine process found"
+        for engine in engines:
+            engine.suspend()
+        try:
+            yield
+        finally:
+            for engine in engines:
+                engine.resume()
+
+    def admitted(self, profile: str) -> float:
+        """Requests the API has admitted under `profile` so far (unipool_steering_requests_total)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=60).text
+        match = re.search(rf'^unipool_steering_requests_total{{profile="{re.escape(profile)}"}} (\S+)$', text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
 
     def routing(self) -> dict[int, float]:
         """Token-slots routed to each expert so far (summed over layers), fresh from the engine."""

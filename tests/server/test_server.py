@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -171,12 +172,25 @@ def test_hot_delete_keeps_running_requests_on_their_profile(server):
             "steering": "hot"}
     assert admin.post("/v1/steering/profiles", content=hot).status_code == 201
     expected = server.http().post("/v1/completions", json=body).json()["choices"][0]["text"]
-    arrived, result, thread = _stream(server, body)
-    assert arrived.wait(120)  # the request is in the engine: it has produced a token
-    deleted = admin.delete("/v1/steering/profiles/hot").json()
+    before = server.admitted("hot")
+    uploaded = {}
+    # With the engine frozen the request cannot finish, however fast the machine: it is admitted
+    # (its profile pinned) but takes no step until the block ends.
+    with server.engine_frozen():
+        arrived, result, thread = _stream(server, body)
+        deadline = time.monotonic() + 600  # a hang guard, not a wait for progress
+        while server.admitted("hot") == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        deleted = admin.delete("/v1/steering/profiles/hot").json()
+        # The upload picks its row now; its push to the engine waits in the engine's queue behind the
+        # request, so the row is written before the request's first step.
+        upload = threading.Thread(target=lambda: uploaded.update(
+            status=admin.post("/v1/steering/profiles", content=other).status_code))
+        upload.start()
     assert deleted["running_requests"] == 1  # still running when its profile went away
-    assert admin.post("/v1/steering/profiles", content=other).status_code == 201  # must not take hot's row
+    upload.join(120)
     thread.join(120)
+    assert uploaded["status"] == 201  # and it did not take hot's row:
     assert result["text"] == expected
     with pytest.raises(openai.BadRequestError):
         _greedy(server.client(), steering="hot")
