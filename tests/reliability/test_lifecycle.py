@@ -1,7 +1,7 @@
 """Shutdown under load drains cleanly; a dead engine makes the API answer 503 and /health fail, never hang.
 
-Each test starts (and ends) its own server. "Running" is an observed event here (a stream's
-first chunk arrived), never a wait on the clock.
+Each test starts (and ends) its own server. "Running" is an observed event here (the API has
+admitted the request, with the engine frozen so that nothing can finish), never a wait on the clock.
 """
 
 from __future__ import annotations
@@ -35,16 +35,21 @@ def test_sigterm_under_load_drains_and_exits_zero(tiny_model_factory, tmp_path_f
                              json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "steering": "no-such"},
                              timeout=120)
         assert refused.status_code == 400, refused.text
-        started, results, threads = _streams(server, streams)
-        for _ in range(streams):
-            assert started.acquire(timeout=300)  # every stream is running in the engine
-        log_before = len(server.log.read_text(errors="replace"))
-        server.proc.send_signal(signal.SIGTERM)
-        ready, deadline = 200, time.monotonic() + 300
-        while ready == 200 and time.monotonic() < deadline:  # the drain flag is set by vLLM's shutdown thread
-            ready = httpx.get(f"{server.url}/ready", timeout=10).status_code
-        late = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                          json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2}, timeout=120)
+        before = server.admitted("none")
+        # The engine takes no step until the drain has been seen, so every stream is still running at
+        # SIGTERM on any machine: admitted by the API (observed on its counter), none finished.
+        with server.engine_frozen():
+            _, results, threads = _streams(server, streams)
+            deadline = time.monotonic() + 600  # a hang guard, not a wait for progress
+            while server.admitted("none") < before + streams and time.monotonic() < deadline:
+                time.sleep(0.2)
+            log_before = len(server.log.read_text(errors="replace"))
+            server.proc.send_signal(signal.SIGTERM)
+            ready, deadline = 200, time.monotonic() + 300
+            while ready == 200 and time.monotonic() < deadline:  # the drain flag is set by vLLM's shutdown thread
+                ready = httpx.get(f"{server.url}/ready", timeout=10).status_code
+            late = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                              json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2}, timeout=120)
         for t in threads:
             t.join(300)
         code = server.proc.wait(timeout=120)
