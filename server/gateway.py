@@ -35,10 +35,7 @@ MAX_BODY_BYTES = 32 << 20
 BODY_METHODS = ("POST", "PUT", "PATCH")
 RAW_BODY_ROUTES = {("POST", "/v1/steering/profiles")}  # binary uploads: never parsed as JSON
 CAPTURE_ROUTES = {"/v1/completions", "/v1/chat/completions"}  # whose responses server/capture.py fills
-# vLLM 0.32's ResponsesRequest accepts null for `background` and `truncation`, its ResponsesResponse
-# does not: a streamed response then dies after its headers (a broken connection). In the OpenAI
-# API null means "not given", so a top-level null is dropped here and the field takes its default.
-NULL_MEANS_DEFAULT_ROUTES = {"/v1/responses"}
+RESPONSES_ROUTE = "/v1/responses"  # whose bodies repair_responses_body mends first
 METRICS_ROUTE = "/metrics"
 RETRY_AFTER_S = 5
 
@@ -117,12 +114,8 @@ class SteeringGateway:
             return body, ctx
         ours = (contract.REQUEST_FIELD, contract.BUDGET_FIELD, *contract.CAPTURE_FIELDS)
         changed = any(key in request for key in ours)
-        if template in NULL_MEANS_DEFAULT_ROUTES:
-            nulls = [key for key, value in request.items() if value is None]
-            for key in nulls:
-                del request[key]
-            changed = changed or bool(nulls)
-            refuse_empty_messages(request.get("input"))
+        if template == RESPONSES_ROUTE:
+            changed = repair_responses_body(request) or changed
         budget = expert_budget(request.pop(contract.BUDGET_FIELD, None))
         capture = capture_flags(request, template)
         top = request.pop(contract.REQUEST_FIELD, None)
@@ -156,15 +149,24 @@ class SteeringGateway:
         return rewritten, replace(ctx, asked=asked, budget=budget, capture=capture)
 
 
-def refuse_empty_messages(items) -> None:
-    """A Responses input message with an empty `content` list: vLLM 0.32 indexes its first part
-    (an IndexError, answered 500), so it is refused here with a 400 naming the item."""
-    if not isinstance(items, list):
-        return
-    for i, item in enumerate(items):
+def repair_responses_body(request: dict) -> bool:
+    """Mend or refuse what vLLM 0.32's Responses API breaks on; True when the body changed.
+
+    - A top-level null: its ResponsesRequest accepts null for `background` and `truncation`, its
+      ResponsesResponse does not, so a streamed response dies after its headers. In the OpenAI API
+      null means "not given": the key is dropped and the field takes its default.
+    - An input message whose `content` is an empty list: it indexes the first part (an IndexError,
+      answered 500), so it is a 400 naming the item.
+    """
+    items = request.get("input")
+    for i, item in enumerate(items if isinstance(items, list) else []):
         if isinstance(item, dict) and item.get("type", "message") == "message" and item.get("content") == []:
             raise APIError(400, f"input[{i}].content is empty: a message needs at least one content part",
                            param=f"input[{i}].content", code="invalid_input")
+    nulls = [key for key, value in request.items() if value is None]
+    for key in nulls:
+        del request[key]
+    return bool(nulls)
 
 
 def capture_flags(request: dict, template: str) -> int:

@@ -177,7 +177,7 @@ def test_hot_delete_keeps_running_requests_on_their_profile(server):
     # With the engine frozen the request cannot finish, however fast the machine: it is admitted
     # (its profile pinned) but takes no step until the block ends.
     with server.engine_frozen():
-        arrived, result, thread = _stream(server, body)
+        _, result, thread = _stream(server, body)
         deadline = time.monotonic() + 600  # a hang guard, not a wait for progress
         while server.admitted("hot") == before and time.monotonic() < deadline:
             time.sleep(0.2)
