@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -86,6 +87,13 @@ class Server:
         text = httpx.get(f"{self.url}/metrics", timeout=60).text
         match = re.search(rf'^unipool_steering_requests_total{{profile="{re.escape(profile)}"}} (\S+)$', text, re.MULTILINE)
         return float(match.group(1)) if match else 0.0
+
+    def wait_admitted(self, profile: str, count: float) -> None:
+        """Poll until the API has admitted `count` requests under `profile` in all (an observed event;
+        the deadline only guards against a hang)."""
+        deadline = time.monotonic() + 600
+        while self.admitted(profile) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def routing(self) -> dict[int, float]:
         """Token-slots routed to each expert so far (summed over layers), fresh from the engine."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import openai
@@ -178,9 +177,7 @@ def test_hot_delete_keeps_running_requests_on_their_profile(server):
     # (its profile pinned) but takes no step until the block ends.
     with server.engine_frozen():
         _, result, thread = _stream(server, body)
-        deadline = time.monotonic() + 600  # a hang guard, not a wait for progress
-        while server.admitted("hot") == before and time.monotonic() < deadline:
-            time.sleep(0.2)
+        server.wait_admitted("hot", before + 1)
         deleted = admin.delete("/v1/steering/profiles/hot").json()
         # The upload picks its row now; its push to the engine waits in the engine's queue behind the
         # request, so the row is written before the request's first step.
