@@ -43,9 +43,9 @@ def quality_vs_pool_size(sizes: list[int], docs_per_kind: int, prompts: int) -> 
     from unipool_serve.demo.corpus import CALIBRATION_SEED, HELDOUT_SEED, documents
     from unipool_serve.demo.eval import DEMO_MODEL_DIR, MAX_NEW_TOKENS, PROMPTS_CODE, greedy_continuations, load_demo
     from unipool_serve.model_executor.config import UniPoolConfig
-    from unipool_serve.model_executor.convert.prune import prune_model
+    from unipool_serve.tools.convert.prune import prune_model
     from unipool_serve.model_executor.steering.profile import SteeringProfile
-    from unipool_serve.model_executor.usage import usage_from_calibration
+    from unipool_serve.tools.usage import usage_from_calibration
 
     torch.set_num_threads(1)
     config = UniPoolConfig.from_pretrained(str(DEMO_MODEL_DIR))

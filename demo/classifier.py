@@ -45,8 +45,6 @@ _ATTR_DOT = re.compile(r"(?<=\w)\.(?=\w)")
 _SENTENCE_END = re.compile(r"(?<=[A-Za-z])[.!?](?=\s|$)")
 _INDENT = re.compile(r"^ {4}", re.MULTILINE)
 
-LABELS = ("prose", "code", "other")
-
 
 @dataclass(frozen=True)
 class Markers:

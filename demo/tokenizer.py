@@ -8,7 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from unipool_serve.model_executor.convert.tokenizer_files import CHAT_TEMPLATE
+from unipool_serve.model_executor.config import CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2

@@ -141,7 +141,7 @@ def fused_route(
             assert table.device == logits.device
         assert bias_table.shape == mask_table.shape
         assert 0 <= layer < bias_table.shape[1], f"layer {layer} outside 0..{bias_table.shape[1] - 1}"
-        budget = steering.top_k
+        budget = steering.budget
         if budget is not None:
             assert budget.shape == (num_tokens,) and budget.dtype == torch.int32 and budget.is_contiguous()
     else:  # any tensors will do: the kernel reads none of them

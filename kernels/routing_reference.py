@@ -100,7 +100,7 @@ def route_with_table(
         return route(logits, spec, scale)
     rows = steering.index.long()
     return route(logits, spec, scale, bias=steering.bias[rows, layer], mask=steering.mask[rows, layer],
-                 budget=steering.top_k)
+                 budget=steering.budget)
 
 
 # ---- routers that are not ours (vLLM's model families) -----------------------------------

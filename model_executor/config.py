@@ -23,6 +23,15 @@ from unipool_serve.kernels.routing_spec import ROUTER_KINDS, RoutingSpec
 NORM_C_SAMPLES = 100_000
 NORM_C_SEED = 42
 
+# The chat template of every model folder this project writes (the demo, converted
+# checkpoints) whose tokenizer brings none: a minimal format, so /v1/chat/completions works.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
 
 @functools.lru_cache(maxsize=64)
 def norm_router_constant(num_experts: int, top_k: int) -> float:

@@ -37,10 +37,6 @@ class ExpertPool(nn.Module):
         self.down_proj.weight_loader = self._load_down
         self.packed_by: str | None = None  # backend name once repacked
 
-    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
-        E, H, F = self.num_experts, self.hidden_size, self.width
-        return {"gate_up_proj": (E, 2 * F, H), "down_proj": (E, H, F)}
-
     def _rank_slice(self) -> slice:
         return slice(self.tp_rank * self.local_width, (self.tp_rank + 1) * self.local_width)
 

@@ -24,11 +24,13 @@ depend on the routing).
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import torch
 
 from unipool_serve.kernels.moe_reference import pool_moe
 from unipool_serve.kernels.routing_reference import route_with_table
+from unipool_serve.kernels.routing_spec import RouteFn
 
 from .expert_pool import ExpertPool
 from .settings import parse_setting, setting
@@ -37,6 +39,21 @@ logger = logging.getLogger(__name__)
 
 BACKEND_ENV = "UNIPOOL_MOE_BACKEND"
 CPU_ALIGN = 32  # cpu_fused_moe tiles hidden and expert width in blocks of 32
+
+
+class MoEBackend(Protocol):
+    """Both halves of a layer's MoE on one platform (see the module doc)."""
+
+    name: str
+    pad_to: int  # the pools' expert width is padded to a multiple of this (zeros)
+    route: RouteFn  # the routers' routing function (PoolRouter is built with it)
+
+    def prepare(self, pool: ExpertPool) -> None:
+        """Once, after loading: repack the pool's weights for the kernel (sets pool.packed_by)."""
+
+    def __call__(self, hidden: torch.Tensor, pool: ExpertPool, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], ids/weights [T, k] -> [T, H] (this rank's slice of the expert width)."""
 
 
 @torch.library.custom_op("unipool::pool_moe", mutates_args=())
@@ -155,7 +172,7 @@ class TritonBackend(VllmTritonBackend):
         return self._kernel(hidden, pool.gate_up_proj, pool.down_proj, topk_ids, topk_weights)
 
 
-def select_backend(device_type: str, dtype: torch.dtype, hidden_size: int, name: str | None = None):
+def select_backend(device_type: str, dtype: torch.dtype, hidden_size: int, name: str | None = None) -> MoEBackend:
     """The backend named by UNIPOOL_MOE_BACKEND (or `name`), else the platform default."""
     name = setting(BACKEND_ENV) if name is None else parse_setting(BACKEND_ENV, name)
     if name is None:

@@ -3,33 +3,31 @@
 A router is owned once by its model (`model.routers.{r}`); PathMoE ties it across a block
 of consecutive layers, each of which routes its own hidden state. The vLLM model and the
 reference model both route through `PoolRouter.route`; what differs is only the routing
-function their backend hands in (kernels/routing_reference.route_with_table, or the
-Triton fused_route on CUDA), and both implement kernels/routing_reference.py's semantics.
+function the router is built with (kernels/routing_reference.route_with_table, or the
+Triton fused_route that the vLLM model's MoE backend names on CUDA), and both implement
+kernels/routing_reference.py's semantics.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unipool_serve.kernels.routing_reference import route_with_table
-from unipool_serve.kernels.routing_spec import SteeringView
+from unipool_serve.kernels.routing_spec import RouteFn, SteeringView
 
 from .config import UniPoolConfig
 
-# (logits [T, E], steering, layer, spec, scale) -> (topk_ids [T, k] int32, topk_weights [T, k] fp32)
-RouteFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
 
 class PoolRouter(nn.Module):
-    """Router weights [E, H] in fp32 (replicated on every TP rank), plus the kind's learned scale."""
+    """Router weights [E, H] in fp32 (replicated on every TP rank), plus the kind's learned scale,
+    and the routing function it routes with."""
 
-    def __init__(self, config: UniPoolConfig, trainable: bool = False):
+    def __init__(self, config: UniPoolConfig, trainable: bool = False, route_fn: RouteFn = route_with_table):
         super().__init__()
         self.spec = config.routing_spec()
+        self.route_fn = route_fn
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=torch.float32),
                                    requires_grad=trainable)
         self.norm_scale = None  # NormRouter's sigma: [1] fp32
@@ -47,13 +45,12 @@ class PoolRouter(nn.Module):
         """Unsteered scores [T, E] (differentiable: training's balancing loss uses them)."""
         return self.spec.kind.scores(logits, self.spec.score_scale(self.scale))
 
-    def route(self, logits: torch.Tensor, layer: int, steering: SteeringView | None,
-              route_fn: RouteFn = route_with_table) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, logits: torch.Tensor, layer: int, steering: SteeringView | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(topk_ids [T, k] int32, topk_weights [T, k] fp32) for one layer's logits [T, E].
 
         Always the same ops whatever the steering index holds (a data-dependent branch would
         be frozen into a compiled graph): row 0 is all zeros and routes exactly like an
         unsteered router. `steering` None (UNIPOOL_STEERING=0) skips the tables altogether.
         """
-        ids, weights = route_fn(logits, steering, layer, self.spec, self.scale)
+        ids, weights = self.route_fn(logits, steering, layer, self.spec, self.scale)
         return ids.to(torch.int32).contiguous(), weights.float().contiguous()

@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-CAPTURE_EXPERTS, CAPTURE_LOGITS = 1, 2  # flags a request's signed steering fields carry
+from .steering.contract import CAPTURE_EXPERTS, CAPTURE_LOGITS
 
 
 class RoutingCapture(nn.Module):
+    """Persistent per-layer buffers of the step's routing (see the module doc)."""
+
     def __init__(self, max_tokens: int, num_layers: int, num_experts: int, top_k: int, enabled: bool = True):
         super().__init__()
         self.enabled = enabled

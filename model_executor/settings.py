@@ -4,8 +4,8 @@ Read a value with `setting(NAME)`: parsed and validated, and a bad value raises 
 naming the variable and what it accepts. The server's own settings travel from
 `unipool-serve`'s flags to the endpoint plugin (which also runs under plain `vllm serve`)
 as environment variables, written by `ServerSettings.export` and read by
-`ServerSettings.from_env`, nowhere else. Pure Python: kernels/ reads its one variable here
-without importing anything of the plugin.
+`ServerSettings.from_env`, nowhere else. Pure Python. kernels/ reads none of these: its
+callers configure it (the MoE backend passes UNIPOOL_MOE_CONFIG_DIR on).
 """
 
 from __future__ import annotations

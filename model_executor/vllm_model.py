@@ -10,6 +10,7 @@ pool hands the same storage to the MoE kernel.
 # No `from __future__ import annotations`: vLLM reads forward() annotations at runtime.
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from itertools import islice
 
 import torch
@@ -33,6 +34,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.utils import (
     PPMissingLayer,
+    extract_layer_index,
     make_empty_intermediate_tensors_factory,
     make_layers,
     maybe_prefix,
@@ -43,12 +45,12 @@ from vllm.sequence import IntermediateTensors
 from .checkpoint_loading import load_checkpoint
 from .config import UniPoolConfig
 from .expert_pool import ExpertPool
-from .moe_backend import select_backend
+from .moe_backend import MoEBackend, select_backend
 from .router import PoolRouter
 from .routing_capture import RoutingCapture
 from .routing_counts import RoutingCounts
 from .settings import setting
-from .steering.table import SteeringTable
+from .steering.table import SteeringTable, max_step_tokens
 
 
 # vLLM's expert parallelism shards each FusedMoE layer's own experts across ranks and
@@ -111,20 +113,33 @@ class SharedExpertMLP(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class ModelParts:
+    """What the model owns once and every layer reads: pools, routers, the MoE backend, the
+    steering table, the routing counts and the routing capture. Layers keep plain references."""
+
+    config: UniPoolConfig
+    pools: nn.ModuleList  # [P] ExpertPool (PPMissingLayer where no local layer uses it)
+    routers: nn.ModuleList  # [R] PoolRouter, built with the backend's routing function
+    backend: MoEBackend
+    steering: SteeringTable
+    routing_counts: RoutingCounts
+    routing_capture: RoutingCapture
+
+
 class UniPoolMoE(nn.Module):
     """One layer's MoE: its (tied) router's top-k over its (shared) pool, + shared expert."""
 
-    def __init__(self, layer_idx: int, model: "UniPoolModel", shared_expert: SharedExpertMLP | None):
+    def __init__(self, layer_idx: int, parts: ModelParts, shared_expert: SharedExpertMLP | None):
         super().__init__()
-        config = model.config
-        self.layer_idx, self.backend = layer_idx, model.moe_backend
+        config = parts.config
+        self.layer_idx, self.backend = layer_idx, parts.backend
         # Plain references (not submodules): the model owns pools, routers, the steering table
         # and the routing counts once; the decoder layer owns its shared expert.
-        self.__dict__.update(pool=model.pools[config.layer_to_pool(layer_idx)],
-                             router=model.routers[config.layer_to_router(layer_idx)],
-                             steering=model.steering, routing_counts=model.routing_counts,
-                             routing_capture=model.routing_capture,
-                             shared_expert=shared_expert)
+        self.__dict__.update(pool=parts.pools[config.layer_to_pool(layer_idx)],
+                             router=parts.routers[config.layer_to_router(layer_idx)],
+                             steering=parts.steering, routing_counts=parts.routing_counts,
+                             routing_capture=parts.routing_capture, shared_expert=shared_expert)
         self.tp_size = get_tensor_model_parallel_world_size()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -132,7 +147,7 @@ class UniPoolMoE(nn.Module):
         # the layers keep vLLM's own forward signature.
         steering = self.steering.view(hidden_states.shape[0])
         logits = self.router.logits(hidden_states)  # [T, E] fp32
-        topk_ids, topk_weights = self.router.route(logits, self.layer_idx, steering, self.backend.route)  # [T, k]
+        topk_ids, topk_weights = self.router.route(logits, self.layer_idx, steering)  # [T, k]
         self.routing_counts.record(self.layer_idx, topk_ids)
         self.routing_capture.record(self.layer_idx, topk_ids, logits)
         out = self.backend(hidden_states, self.pool, topk_ids, topk_weights)  # [T, H], this rank's F slice
@@ -144,15 +159,15 @@ class UniPoolMoE(nn.Module):
 
 
 class UniPoolDecoderLayer(nn.Module):
-    def __init__(self, config: UniPoolConfig, vllm_config: VllmConfig, layer_idx: int, model: "UniPoolModel",
-                 prefix: str):
+    def __init__(self, vllm_config: VllmConfig, prefix: str, parts: ModelParts):
         super().__init__()
+        config = parts.config
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = UniPoolAttention(config, vllm_config, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         width = config.shared_expert_intermediate_size
         self.shared_expert = SharedExpertMLP(config.hidden_size, width, f"{prefix}.shared_expert") if width else None
-        self.moe = UniPoolMoE(layer_idx, model, self.shared_expert)
+        self.moe = UniPoolMoE(extract_layer_index(prefix), parts, self.shared_expert)
 
     def forward(self, positions, hidden_states, residual):
         if residual is None:
@@ -179,15 +194,13 @@ class UniPoolModel(nn.Module):
 
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    prefix=f"{prefix}.embed_tokens")
-        max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens,
-                         vllm_config.compilation_config.max_cudagraph_capture_size or 0)
-        self.steering = SteeringTable(max_tokens, config.num_hidden_layers, config.num_experts,
-                                      setting("UNIPOOL_MAX_STEERING_PROFILES"), config.num_experts_per_tok,
-                                      setting("UNIPOOL_STEERING"))
+        self.steering = SteeringTable.for_model(vllm_config, config.num_hidden_layers, config.num_experts,
+                                                config.num_experts_per_tok)
         self.routing_counts = RoutingCounts(config.num_hidden_layers, config.num_experts,
                                             setting("UNIPOOL_ROUTING_STATS"))
-        self.routing_capture = RoutingCapture(max_tokens, config.num_hidden_layers, config.num_experts,
-                                              config.num_experts_per_tok, setting("UNIPOOL_ROUTING_CAPTURE"))
+        self.routing_capture = RoutingCapture(max_step_tokens(vllm_config), config.num_hidden_layers,
+                                              config.num_experts, config.num_experts_per_tok,
+                                              setting("UNIPOOL_ROUTING_CAPTURE"))
         # This pipeline stage's layers; pools and routers no local layer uses are placeholders.
         from vllm.distributed.utils import get_pp_indices
         start, end = get_pp_indices(config.num_hidden_layers, get_pp_group().rank_in_group,
@@ -201,11 +214,13 @@ class UniPoolModel(nn.Module):
             for p in range(config.num_pools)
         )
         self.routers = nn.ModuleList(
-            PoolRouter(config) if r in used_routers else PPMissingLayer() for r in range(config.num_routers)
+            PoolRouter(config, route_fn=self.moe_backend.route) if r in used_routers else PPMissingLayer()
+            for r in range(config.num_routers)
         )
+        parts = ModelParts(config, self.pools, self.routers, self.moe_backend, self.steering, self.routing_counts,
+                           self.routing_capture)
         self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers,
-            lambda prefix: UniPoolDecoderLayer(config, vllm_config, int(prefix.rsplit(".", 1)[1]), self, prefix),
+            config.num_hidden_layers, lambda prefix: UniPoolDecoderLayer(vllm_config, prefix, parts),
             prefix=f"{prefix}.layers",
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

@@ -147,7 +147,7 @@ def main() -> int:
              for r in range(args.tp)]
     if any(p.wait() for p in procs):
         return 1
-    block = "import sys; sys.modules['megatron'] = None; from unipool_serve.model_executor.convert.cli import main; "
+    block = "import sys; sys.modules['megatron'] = None; from unipool_serve.tools.convert.cli import main; "
     done = subprocess.run([sys.executable, "-c", block + f"sys.exit(main(['megatron', {str(save)!r}, "
                            f"{str(converted)!r}, '--no-progress']))"])
     if done.returncode:

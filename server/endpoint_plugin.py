@@ -31,7 +31,8 @@ from unipool_serve.model_executor.settings import ServerSettings, setting
 from unipool_serve.model_executor.steering import contract
 from unipool_serve.model_executor.steering.shape import SteerableModel
 
-from .gateway import SteeringGateway
+from .app_state import ServerState, attach_state, server_state
+from .gateway import APIGateway
 from .policy import AccessPolicy
 
 logger = logging.getLogger("unipool_serve.server")
@@ -58,10 +59,8 @@ class UniPoolEndpointPlugin:
 
         self.app = app
         app.include_router(router)
-        app.state.unipool_policy = self.policy
-        app.state.unipool_settings = self.settings
-        app.state.unipool_unavailable = self.unavailable
-        app.add_middleware(SteeringGateway, router=app.router, policy=self.policy,
+        attach_state(app, ServerState(self.policy, self.settings, self.unavailable))
+        app.add_middleware(APIGateway, router=app.router, policy=self.policy,
                            on_steering_error=self._count_error, on_metrics_scrape=self._refresh_metrics,
                            unavailable=self.unavailable, take_capture=self._take_capture)
 
@@ -140,11 +139,11 @@ class UniPoolEndpointPlugin:
         if getattr(state, "serving_structured_decisions", "absent") is None:
             unmount(self.app, "/v1/systemone")  # vLLM answers 501 to every call for models it cannot read
         self.engine_client = engine_client
-        state.unipool_store = store  # last: /ready turns 200 from here on
+        ours = server_state(self.app)
+        ours.engine_client, ours.store = engine_client, store  # last: /ready turns 200 from here on
         logger.info("unipool_api: %d steering profile(s) loaded: %s", len(store.names()), store.names())
         for name, error in store.load_errors.items():
             logger.error("unipool_api: profile file %s rejected: %s", name, error)
-
 
     def _drain_before_shutdown(self, engine_client, loop, *tasks) -> None:
         from vllm.utils.async_utils import cancel_task_threadsafe
@@ -175,6 +174,3 @@ def unmount(app, path: str) -> None:
     app.openapi_schema = None
     logger.info("unipool_api: %s unmounted (it cannot serve this model)", path)
 
-
-def make_plugin() -> UniPoolEndpointPlugin:
-    return UniPoolEndpointPlugin()

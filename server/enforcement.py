@@ -27,9 +27,9 @@ for which a profile is in effect.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 import re
 import secrets
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -37,7 +37,6 @@ from http import HTTPStatus
 import msgspec
 
 from unipool_serve.model_executor.steering import contract
-
 from unipool_serve.model_executor.steering.shape import SteerableModel
 
 from .profile_store import ProfileStore, UnknownProfile
@@ -52,7 +51,7 @@ class RequestContext:
     bound: str | None = None  # the API key's mandatory profile
     asked: str | None = None  # the body's top-level `steering` field
     budget: int | None = None  # the body's `expert_budget.top_k`
-    capture: int = 0  # routing_capture.CAPTURE_* flags the body asked for
+    capture: int = 0  # contract.CAPTURE_* flags the body asked for
     is_admin: bool = False
     # (request id the client sees, choice index) -> engine request id, for each captured request
     captured: dict[tuple[str, int], str] = field(default_factory=dict)
@@ -89,19 +88,12 @@ def resolve_profile(ctx: RequestContext, in_xargs: str | None) -> str | None:
 
 
 def resolve_budget(asked: int | None, profile_budget: int | None, config) -> int | None:
-    """The effective expert budget (None: the model's full top-k), or raises SteeringRefused."""
-    given = [b for b in (asked, profile_budget) if b is not None]
-    if not given:
-        return None
-    config = SteerableModel.of(config)
-    budget, top_k = min(given), config.top_k
-    if budget > top_k:
-        raise SteeringRefused(400, f"expert_budget.top_k={budget} exceeds the model's top_k={top_k}",
-                              "invalid_expert_budget")
-    if budget == 0 and not config.shared_experts:
-        raise SteeringRefused(400, "expert_budget.top_k=0 leaves nothing to compute: this model has no shared "
-                              "expert", "invalid_expert_budget")
-    return None if budget == top_k else budget
+    """The effective expert budget (contract.effective_budget), or raises SteeringRefused."""
+    model = SteerableModel.of(config)
+    try:
+        return contract.effective_budget(asked, profile_budget, model.top_k, model.shared_experts)
+    except contract.BudgetError as exc:
+        raise SteeringRefused(400, str(exc), "invalid_expert_budget") from None
 
 
 class SteeringEnforcer:
@@ -157,7 +149,7 @@ class SteeringEnforcer:
                 active = self.store.get(name)
             except UnknownProfile as exc:
                 raise SteeringRefused(400, str(exc), exc.code) from None
-        profile_budget = (active.profile.expert_budget or {}).get("top_k") if active else None
+        profile_budget = contract.parse_budget(active.profile.expert_budget) if active else None
         budget = resolve_budget(ctx.budget, profile_budget, self.store.config)
         if active is not None or budget is not None or ctx.capture:
             slot, content = (active.slot, active.content_hash) if active else (0, "")
@@ -175,12 +167,10 @@ class SteeringEnforcer:
             self.on_admit(name)
 
     def _mark_for_capture(self, request, params, ctx: RequestContext) -> None:
-        from unipool_serve.model_executor.routing_capture import CAPTURE_LOGITS
-
         if self.capture_refused is not None:
             raise SteeringRefused(400, self.capture_refused, "capture_unsupported")
         model = SteerableModel.of(self.store.config)
-        if ctx.capture & CAPTURE_LOGITS:
+        if ctx.capture & contract.CAPTURE_LOGITS:
             tokens = len(request.prompt_token_ids or ()) + (params.max_tokens or 0) - 1
             size = max(tokens, 0) * model.num_layers * model.num_experts * 2  # float16
             if size > self.max_capture_bytes:

@@ -8,8 +8,10 @@ For each HTTP or WebSocket request it
      bearer key (401) and the class (403);
   2. for a body that is JSON, takes the steering request out of it: the top-level
      `steering` field and `vllm_xargs.steering` (vLLM would drop the first silently and
-     pass the second on unchecked); rejects reserved `vllm_xargs` keys, conflicting names
-     and a bound key's override (403) with the OpenAI envelope before any route runs;
+     pass the second on unchecked), the expert budget and the routing-capture flags;
+     rejects reserved `vllm_xargs` keys, conflicting names and a bound key's override (403)
+     with the OpenAI envelope before any route runs; mends what vLLM's own routes break on
+     (server/request_repairs.py);
   3. sets the request context (enforcement.CURRENT_REQUEST) that the enforcement point
      reads for every engine request this HTTP request leads to.
 It decides nothing about steering itself: the enforcement point does, for every route.
@@ -26,21 +28,22 @@ from starlette.routing import Match
 from unipool_serve.model_executor.steering import contract
 from unipool_serve.model_executor.steering.profile import NAME_PATTERN, NAME_RULE
 
+from .app_state import mark_admin
 from .capture import CaptureResponse, TakeFn
 from .enforcement import CURRENT_REQUEST, RequestContext, SteeringRefused, resolve_profile
 from .errors import APIError, envelope_errors, send_openai_error
 from .policy import Access, AccessPolicy, route_access
+from .request_repairs import repair
 
 MAX_BODY_BYTES = 32 << 20
 BODY_METHODS = ("POST", "PUT", "PATCH")
 RAW_BODY_ROUTES = {("POST", "/v1/steering/profiles")}  # binary uploads: never parsed as JSON
 CAPTURE_ROUTES = {"/v1/completions", "/v1/chat/completions"}  # whose responses server/capture.py fills
-RESPONSES_ROUTE = "/v1/responses"  # whose bodies repair_responses_body mends first
 METRICS_ROUTE = "/metrics"
 RETRY_AFTER_S = 5
 
 
-class SteeringGateway:
+class APIGateway:
     """Pure ASGI middleware (streaming responses pass through untouched)."""
 
     def __init__(self, app, router, policy: AccessPolicy,
@@ -74,7 +77,7 @@ class SteeringGateway:
                 raise APIError(503, reason, code="unavailable")
             caller = self.policy.identify(dict(scope.get("headers") or []))
             self.policy.check(access, caller)
-            scope.setdefault("state", {})["unipool_admin"] = caller.is_admin
+            mark_admin(scope, caller.is_admin)
             ctx, replay = RequestContext(bound=caller.bound, is_admin=caller.is_admin), receive
             if scope["type"] == "http" and scope["method"] in BODY_METHODS \
                     and (scope["method"], template) not in RAW_BODY_ROUTES:
@@ -114,9 +117,11 @@ class SteeringGateway:
             return body, ctx
         ours = (contract.REQUEST_FIELD, contract.BUDGET_FIELD, *contract.CAPTURE_FIELDS)
         changed = any(key in request for key in ours)
-        if template == RESPONSES_ROUTE:
-            changed = repair_responses_body(request) or changed
-        budget = expert_budget(request.pop(contract.BUDGET_FIELD, None))
+        changed = repair(request, template) or changed
+        try:
+            budget = contract.parse_budget(request.pop(contract.BUDGET_FIELD, None))
+        except contract.BudgetError as exc:
+            raise APIError(400, str(exc), param=contract.BUDGET_FIELD, code="invalid_expert_budget") from None
         capture = capture_flags(request, template)
         top = request.pop(contract.REQUEST_FIELD, None)
         xargs = request.get("vllm_xargs")
@@ -149,26 +154,6 @@ class SteeringGateway:
         return rewritten, replace(ctx, asked=asked, budget=budget, capture=capture)
 
 
-def repair_responses_body(request: dict) -> bool:
-    """Mend or refuse what vLLM 0.32's Responses API breaks on; True when the body changed.
-
-    - A top-level null: its ResponsesRequest accepts null for `background` and `truncation`, its
-      ResponsesResponse does not, so a streamed response dies after its headers. In the OpenAI API
-      null means "not given": the key is dropped and the field takes its default.
-    - An input message whose `content` is an empty list: it indexes the first part (an IndexError,
-      answered 500), so it is a 400 naming the item.
-    """
-    items = request.get("input")
-    for i, item in enumerate(items if isinstance(items, list) else []):
-        if isinstance(item, dict) and item.get("type", "message") == "message" and item.get("content") == []:
-            raise APIError(400, f"input[{i}].content is empty: a message needs at least one content part",
-                           param=f"input[{i}].content", code="invalid_input")
-    nulls = [key for key, value in request.items() if value is None]
-    for key in nulls:
-        del request[key]
-    return bool(nulls)
-
-
 def capture_flags(request: dict, template: str) -> int:
     """The routing-capture flags a request asks for (popped from it); APIError when it cannot have them."""
     flags = 0
@@ -185,17 +170,6 @@ def capture_flags(request: dict, template: str) -> int:
     if isinstance(prompt, list) and len(prompt) > 1 and not all(isinstance(t, int) for t in prompt):
         raise APIError(400, "routing capture takes one prompt per request", param="prompt", code="invalid_capture")
     return flags
-
-
-def expert_budget(field) -> int | None:
-    """`{"top_k": k'}` -> k' (None when absent); APIError naming the field otherwise."""
-    if field is None:
-        return None
-    top_k = field.get("top_k") if isinstance(field, dict) and set(field) == {"top_k"} else None
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise APIError(400, f"'{contract.BUDGET_FIELD}' must be {{\"top_k\": <integer >= 0>}}, got {field!r:.80}",
-                       param=contract.BUDGET_FIELD, code="invalid_expert_budget")
-    return top_k
 
 
 def looks_like_json(body: bytes, scope) -> bool:

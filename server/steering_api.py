@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from unipool_serve.model_executor.steering import contract
 from unipool_serve.model_executor.steering.profile import SteeringProfile, SteeringProfileError, check_name
 
+from .app_state import is_admin, server_state
 from .errors import APIError, openai_error
 from .profile_store import ProfileExists, ProfileStoreError, SlotsFull, UnknownProfile
 
@@ -24,18 +25,18 @@ STORE_ERROR_STATUS = {UnknownProfile: 404, ProfileExists: 409, SlotsFull: 409}
 
 
 def _store(request: Request):
-    store = getattr(request.app.state, "unipool_store", None)
+    store = server_state(request.app).store
     if store is None:
         raise APIError(503, "steering profiles are still loading", code="not_ready")
     return store
 
 
 def _is_admin(request: Request) -> bool:
-    return bool(request.scope.get("state", {}).get("unipool_admin"))
+    return is_admin(request.scope)
 
 
 def _require_admin(request: Request) -> None:
-    if not request.app.state.unipool_policy.admin_key:
+    if not server_state(request.app).policy.admin_key:
         raise APIError(403, "profile changes are disabled: the server was started without --admin-key",
                        code="admin_disabled")
     if not _is_admin(request):
@@ -43,7 +44,7 @@ def _require_admin(request: Request) -> None:
 
 
 def _shows_details(request: Request) -> bool:
-    return _is_admin(request) or request.app.state.unipool_settings.public_profile_details
+    return _is_admin(request) or server_state(request.app).settings.public_profile_details
 
 
 def _api(handler):
@@ -63,9 +64,9 @@ def _api(handler):
 
 @router.get("/ready")
 async def ready(request: Request):
-    store = getattr(request.app.state, "unipool_store", None)
-    engine = getattr(request.app.state, "engine_client", None)
-    if (reason := request.app.state.unipool_unavailable()) is not None:
+    ours = server_state(request.app)
+    store, engine = ours.store, ours.engine_client
+    if (reason := ours.unavailable()) is not None:
         return openai_error(503, f"not ready: {reason}", code="unavailable")
     if store is None or engine is None or engine.errored:
         return openai_error(503, "not ready: model or steering profiles still loading", code="not_ready")

@@ -10,12 +10,17 @@ worker once, at start. A worker (steering/worker.py) steers a request only when 
 and its row still holds that digest; anything else is served unsteered and logged (the
 worker cannot refuse a request: an exception there would stop the engine for everyone).
 
+The expert budget's rule lives here too (`parse_budget`, `effective_budget`): the gateway,
+the enforcement point, profile validation and offline use all apply this one.
+
 Worker RPCs (`collective_rpc`), all authenticated by the same secret where they change state:
-  RPC_SET_SECRET(secret_hex)                        once; a second, different secret is refused
-  RPC_SET_PROFILE(slot, bias, mask, digest, auth)   write (or clear, bias None) one table row
-  RPC_ROUTING_STATS()                               cumulative [L, E] routing counts
-  RPC_STEERING_ROWS()                               {slot: digest} (tests, debugging)
-  RPC_TAKE_CAPTURE(request_ids)                     captured routing of finished requests
+  RPC_SET_SECRET(secret_hex)                  once; a second, different secret is refused
+  RPC_SET_PROFILE(slot, rows, digest, auth)   write one table row: rows {table: [L][E] values},
+                                              one key per per-profile table (ROW_TABLES);
+                                              rows None clears the row
+  RPC_ROUTING_STATS()                         cumulative [L, E] routing counts
+  RPC_STEERING_ROWS()                         {slot: digest} (tests, debugging)
+  RPC_TAKE_CAPTURE(request_ids)               captured routing of finished requests
 """
 
 from __future__ import annotations
@@ -32,15 +37,18 @@ ARG_NAME = "unipool_steering"
 ARG_SLOT = "unipool_steering_slot"
 ARG_DIGEST = "unipool_steering_digest"
 ARG_TOP_K = "unipool_expert_budget_top_k"
-ARG_CAPTURE = "unipool_capture"  # routing_capture.CAPTURE_* flags
+ARG_CAPTURE = "unipool_capture"  # CAPTURE_* flags
 ARG_SIGNATURE = "unipool_steering_sig"
-CAPTURE_FIELDS = {"return_routed_experts": 1, "return_router_logits": 2}  # request field -> flag
+CAPTURE_EXPERTS, CAPTURE_LOGITS = 1, 2  # what a request's routing capture holds (flags, or-ed)
+CAPTURE_FIELDS = {"return_routed_experts": CAPTURE_EXPERTS, "return_router_logits": CAPTURE_LOGITS}  # field -> flag
+ROW_TABLES = ("bias", "mask")  # the per-profile tables one engine row spans (steering/table.py)
 
 RPC_SET_SECRET = "unipool_set_secret"
 RPC_SET_PROFILE = "unipool_set_profile"
 RPC_ROUTING_STATS = "unipool_routing_stats"
 RPC_STEERING_ROWS = "unipool_steering_rows"
 RPC_TAKE_CAPTURE = "unipool_take_capture"
+RPC_NAMES = (RPC_SET_SECRET, RPC_SET_PROFILE, RPC_ROUTING_STATS, RPC_STEERING_ROWS, RPC_TAKE_CAPTURE)
 
 DIGEST_CHARS = 16  # of a profile's sha256 content hash: what the engine compares rows by
 SALT_PREFIX = "unipool-"
@@ -108,10 +116,42 @@ def set_profile_args(secret: bytes, slot: int, profile) -> tuple:
     clearing it (profile None). Plain lists: tensors do not survive the engine core's
     re-pickling to the workers."""
     if profile is None:
-        return (slot, None, None, None, profile_auth(secret, slot, None))
+        return (slot, None, None, profile_auth(secret, slot, None))
     row_digest = digest(profile.content_hash())
-    return (slot, profile.bias_rows().tolist(), profile.mask_rows().tolist(), row_digest,
-            profile_auth(secret, slot, row_digest))
+    rows = {table: values.tolist() for table, values in profile.engine_rows().items()}
+    return (slot, rows, row_digest, profile_auth(secret, slot, row_digest))
+
+
+# ---- the expert budget: {"top_k": k'} ------------------------------------------------
+
+
+class BudgetError(ValueError):
+    """An expert budget that cannot be used; the message names the field and what it accepts."""
+
+
+def parse_budget(field, what: str = f"'{BUDGET_FIELD}'") -> int | None:
+    """`{"top_k": k'}` -> k' (an integer >= 0); None when absent; BudgetError otherwise."""
+    if field is None:
+        return None
+    top_k = field.get("top_k") if isinstance(field, dict) and set(field) == {"top_k"} else None
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise BudgetError(f"{what} must be {{\"top_k\": <integer >= 0>}}, got {field!r:.80}")
+    return top_k
+
+
+def effective_budget(asked: int | None, profile_budget: int | None, top_k: int, shared_experts: bool) -> int | None:
+    """The budget a request runs with: the smaller of its own and its profile's (a request can
+    lower its profile's budget, never raise it); None means the model's full top-k.
+    BudgetError when the model cannot run it."""
+    given = [b for b in (asked, profile_budget) if b is not None]
+    if not given:
+        return None
+    budget = min(given)
+    if budget > top_k:
+        raise BudgetError(f"{BUDGET_FIELD}.top_k={budget} exceeds the model's top_k={top_k}")
+    if budget == 0 and not shared_experts:
+        raise BudgetError(f"{BUDGET_FIELD}.top_k=0 leaves nothing to compute: this model has no shared expert")
+    return None if budget == top_k else budget
 
 
 def cache_salt(secret: bytes, content_hash: str, user_salt: str | None, top_k: int | None = None) -> str:

@@ -35,6 +35,7 @@ from unipool_serve.kernels.routing_reference import grouped_select, steer_router
 from ..routing_counts import RoutingCounts
 from ..settings import setting
 from .families import Family, family_of
+from .shape import SteerableModel
 from .table import SteeringTable
 
 logger = logging.getLogger("unipool_serve.worker")
@@ -89,17 +90,17 @@ class RouterTap:
                 steered = (rows != 0)[:, None]
                 weights = torch.where(steered, w.to(weights.dtype), weights)
                 ids = torch.where(steered, i.to(ids.dtype), ids)
-            weights, counted = self.budget(view.top_k, weights, ids)
+            weights, counted = self.budget(view.budget, weights, ids)
         else:
             counted = ids
         self.counts.record(self.layer, counted)
         return weights, ids
 
-    def budget(self, top_k: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+    def budget(self, budget: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
         """Slots past each token's expert budget get weight 0 (vLLM's kernels still compute them:
         its kernels have no "dropped" id); the kept ones are renormalised where the router does.
         Returns (weights, ids for the counts: the dropped slots as E, which is not counted)."""
-        dropped = torch.arange(ids.shape[1], device=ids.device) >= top_k.to(ids.device).view(-1, 1)  # [T, k]
+        dropped = torch.arange(ids.shape[1], device=ids.device) >= budget.to(ids.device).view(-1, 1)  # [T, k]
         kept = weights.masked_fill(dropped, 0)
         if self.renormalize:
             budgeted = dropped.any(dim=-1, keepdim=True)
@@ -110,17 +111,12 @@ class RouterTap:
 def attach(model: torch.nn.Module, vllm_config) -> Family:
     """Give a loaded vLLM model of a supported family `steering` and `routing_counts`, and steer it."""
     hf_config = vllm_config.model_config.hf_config
-    family = family_of(hf_config)
-    shape = family.describe(hf_config)
+    family, shape = family_of(hf_config), SteerableModel.of(hf_config)
     device = next(model.parameters()).device
-    max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens,
-                     vllm_config.compilation_config.max_cudagraph_capture_size or 0)
-    model.steering = SteeringTable(max_tokens, shape.num_layers, shape.num_experts,
-                                   setting("UNIPOOL_MAX_STEERING_PROFILES"), shape.top_k,
-                                   setting("UNIPOOL_STEERING")).to(device)
+    model.steering = SteeringTable.for_model(vllm_config, shape.num_layers, shape.num_experts, shape.top_k).to(device)
     model.routing_counts = RoutingCounts(shape.num_layers, shape.num_experts,
                                          setting("UNIPOOL_ROUTING_STATS")).to(device)
-    grouped = shape.router_kind.startswith("grouped-")
+    grouped = family.router_kind(hf_config).grouped
     hooked = 0
     for layer_index, layer in enumerate(model.model.layers):
         block = getattr(layer, family.block, None)

@@ -16,6 +16,7 @@ import secrets
 
 from . import contract
 from .profile import SteeringProfile
+from .shape import SteerableModel
 
 
 class OfflineSteering:
@@ -23,6 +24,7 @@ class OfflineSteering:
         self.llm = llm
         self.secret = secrets.token_bytes(32)
         llm.collective_rpc(contract.RPC_SET_SECRET, args=(self.secret.hex(),))
+        self.model = SteerableModel.of(llm.model_config.hf_config)
         self.rows: dict[str, tuple[int, SteeringProfile]] = {}
 
     def add(self, profile: SteeringProfile) -> int:
@@ -33,9 +35,9 @@ class OfflineSteering:
         return slot
 
     def _budget(self, name: str | None, top_k: int | None) -> int | None:
-        """The smallest of the asked budget and the profile's, as the enforcement point resolves it."""
-        given = [top_k] + ([(self.rows[name][1].expert_budget or {}).get("top_k")] if name is not None else [])
-        return min((b for b in given if b is not None), default=None)
+        """The budget a request runs with, resolved as the enforcement point resolves it."""
+        profile_budget = contract.parse_budget(self.rows[name][1].expert_budget) if name is not None else None
+        return contract.effective_budget(top_k, profile_budget, self.model.top_k, self.model.shared_experts)
 
     def extra_args(self, name: str | None, top_k: int | None = None) -> dict | None:
         """SamplingParams.extra_args for profile `name` and/or an expert budget (None, None: unsteered)."""

@@ -59,8 +59,8 @@ class SteeringProfile:
     architecture: str = ""  # "" in files written before families were supported: UniPool models
     router_kind: str = ""
     dense_layers: tuple[int, ...] = ()
-    # The routed experts a request may use. Only {"top_k": 0} today: shared experts alone (the
-    # routed gates are zeroed; the kernels still compute the routed experts). Issue 17 extends it.
+    # {"top_k": k'}: each token runs on its first k' routed experts (contract.parse_budget's rule);
+    # k' = 0 leaves the shared experts alone, for models that have them.
     expert_budget: dict | None = None
     provenance: dict | None = None  # how it was made (JSON-serialisable); not part of the content hash
 
@@ -168,6 +168,10 @@ class SteeringProfile:
         for layer, ids in self.exclude.items():
             mask[layer, ids] = -1
         return mask  # [L, E] int8
+
+    def engine_rows(self) -> dict[str, torch.Tensor]:
+        """What the engine's tables hold for this profile, one entry per contract.ROW_TABLES."""
+        return {"bias": self.bias_rows(), "mask": self.mask_rows()}
 
     def content_hash(self) -> str:
         """Hash of everything that changes routing (not name or description)."""

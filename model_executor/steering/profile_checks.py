@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from .contract import BudgetError, parse_budget
 from .shape import SteerableModel
 
 
@@ -32,9 +33,11 @@ def check_budget(profile) -> None:
     """expert_budget: {"top_k": k'} with 0 <= k' <= the model's top-k; no includes when k' is 0."""
     if profile.expert_budget is None:
         return
-    k = profile.expert_budget.get("top_k") if isinstance(profile.expert_budget, dict) else None
-    if set(profile.expert_budget or ()) != {"top_k"} or not isinstance(k, int) or isinstance(k, bool) \
-            or not 0 <= k <= profile.top_k:
+    try:
+        k = parse_budget(profile.expert_budget, f"profile {profile.name!r}: expert_budget")
+    except BudgetError as exc:
+        raise SteeringProfileError(str(exc)) from None
+    if k > profile.top_k:
         raise SteeringProfileError(f'profile {profile.name!r}: expert_budget must be {{"top_k": k}} with k in '
                                    f"0..{profile.top_k} (the model's top_k), got {profile.expert_budget!r}")
     if k == 0 and profile.include:

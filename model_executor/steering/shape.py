@@ -8,8 +8,8 @@ UniPool config (ours), or the config of one of vLLM's own MoE families (steering
   num_layers     decoder layers (profiles have one row per layer, expert or not)
   num_experts    routed experts per MoE layer (per pool, for UniPool)
   top_k          experts each token is routed to
-  router_kind    how the router scores and selects (a name: kernels/routing_spec.py's kinds for
-                 UniPool; steering/families.py's for vLLM's families)
+  router_kind    how the router scores and selects (a name: kernels/routing_spec.py's
+                 ROUTER_KINDS for UniPool, FAMILY_ROUTER_KINDS for vLLM's families)
   dense_layers   layers WITHOUT routed experts (DeepSeek's first_k_dense_replace, Qwen's
                  mlp_only_layers): a profile may not steer them
   shared_experts whether the MoE layers also run always-on shared experts (a routed budget of
@@ -24,6 +24,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from .families import family_of
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,22 @@ class SteerableModel:
                 fingerprint=config.fingerprint(),
                 layer_to_pool=tuple(config.layer_to_pool(l) for l in range(config.num_hidden_layers)),
             )
-        from .families import family_of
+        return cls._of_family(config)
 
-        return family_of(config).describe(config)
+    @classmethod
+    def _of_family(cls, config) -> SteerableModel:
+        family = family_of(config)
+        L, dense = config.num_hidden_layers, family.dense_layers(config)
+        values = dict(architecture=config.architectures[0], layers=L, experts=getattr(config, family.experts_field),
+                      top_k=config.num_experts_per_tok, kind=family.router_kind(config).name, dense=dense,
+                      hidden=config.hidden_size, vocab=config.vocab_size, groups=family.groups(config),
+                      shared=family.has_shared(config))
+        return cls(
+            architecture=values["architecture"], num_layers=L, num_experts=values["experts"],
+            top_k=values["top_k"], router_kind=values["kind"], dense_layers=dense, shared_experts=values["shared"],
+            fingerprint=fingerprint_of(values),
+            layer_to_pool=tuple(None if l in dense else l for l in range(L)),  # each MoE layer: its own experts
+        )
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> SteerableModel:

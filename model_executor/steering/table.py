@@ -4,11 +4,14 @@ All buffers are allocated once, when the model is built, and only ever updated i
 compiled graphs (and CUDA graphs) keep their addresses, and a step whose index slice is
 all zero routes exactly as an unsteered model.
 
-  index  [max_tokens]     int32  row of each token of the current step (0 = none)
-  top_k  [max_tokens]     int32  experts each token of the step may use (its expert budget;
-                                 the model's k when it has none)
-  bias   [P_max+1, L, E]  fp32   MASCing bias rows, alpha folded in (row 0 = zeros)
-  mask   [P_max+1, L, E]  int8   SteerMoE rows, +1 include / -1 exclude (row 0 = zeros)
+  index   [max_tokens]     int32  row of each token of the current step (0 = none)
+  budget  [max_tokens]     int32  experts each token of the step may use (its expert budget;
+                                  the model's k when it has none)
+  bias    [P_max+1, L, E]  fp32   MASCing bias rows, alpha folded in (row 0 = zeros)
+  mask    [P_max+1, L, E]  int8   SteerMoE rows, +1 include / -1 exclude (row 0 = zeros)
+
+`bias` and `mask` are the per-profile tables (ROW_DTYPES, keyed like contract.ROW_TABLES):
+a row arrives as {table: [L][E] values} and a new table is one more key at both ends.
 
 The table also records which profile content each row holds (`digests`, see
 contract.digest), so a request admitted with a row that has since been rewritten is never
@@ -20,11 +23,17 @@ Nothing here is specific to one model family: any MoE model's routers can read a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from torch import nn
 
 from unipool_serve.kernels.routing_spec import SteeringView
+
+from ..settings import setting
+
+ROW_DTYPES = {"bias": torch.float32, "mask": torch.int8}  # each of contract.ROW_TABLES -> its dtype
 
 
 def expand_rows(rows: np.ndarray, query_start_loc: np.ndarray) -> np.ndarray:
@@ -36,6 +45,12 @@ def expand_rows(rows: np.ndarray, query_start_loc: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(rows, dtype=np.int32), np.diff(query_start_loc[: len(rows) + 1]))
 
 
+def max_step_tokens(vllm_config) -> int:
+    """The most tokens one engine step can hold: what every per-token buffer is sized for."""
+    return max(vllm_config.scheduler_config.max_num_batched_tokens,
+               vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+
+
 class SteeringTable(nn.Module):
     """Persistent steering buffers read by every router of one model (see the module doc)."""
 
@@ -44,35 +59,44 @@ class SteeringTable(nn.Module):
         super().__init__()
         self.enabled = enabled  # False: routers never read the tables (fixed when the model is built)
         self.max_profiles = max_profiles
-        self.full_top_k = top_k  # the model's k: a token without a budget uses it
+        self.top_k = top_k  # the model's k: a token without a budget uses it
         self.register_buffer("index", torch.zeros(max_tokens, dtype=torch.int32), persistent=False)
-        self.register_buffer("top_k", torch.full((max_tokens,), top_k, dtype=torch.int32), persistent=False)
+        self.register_buffer("budget", torch.full((max_tokens,), top_k, dtype=torch.int32), persistent=False)
         shape = (max_profiles + 1, num_layers, num_experts)
-        self.register_buffer("bias", torch.zeros(shape, dtype=torch.float32), persistent=False)
-        self.register_buffer("mask", torch.zeros(shape, dtype=torch.int8), persistent=False)
+        for table, dtype in ROW_DTYPES.items():
+            self.register_buffer(table, torch.zeros(shape, dtype=dtype), persistent=False)
         self.digests: dict[int, str] = {}  # row -> digest of the profile it holds
+
+    @classmethod
+    def for_model(cls, vllm_config, num_layers: int, num_experts: int, top_k: int) -> SteeringTable:
+        """The table of one engine's model, sized for its steps and UNIPOOL_MAX_STEERING_PROFILES."""
+        return cls(max_step_tokens(vllm_config), num_layers, num_experts, setting("UNIPOOL_MAX_STEERING_PROFILES"),
+                   top_k, setting("UNIPOOL_STEERING"))
 
     def view(self, num_tokens: int) -> SteeringView | None:
         """What the routers of this step read (None when steering is built off)."""
         if not self.enabled:
             return None
-        return SteeringView(self.index[:num_tokens], self.bias, self.mask, self.top_k[:num_tokens])
+        return SteeringView(self.index[:num_tokens], self.bias, self.mask, self.budget[:num_tokens])
 
     # ---- rows (written by the worker's RPCs) ----------------------------------
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot <= self.max_profiles:
             raise ValueError(f"steering row {slot} outside 1..{self.max_profiles}")
 
-    def set_row(self, slot: int, bias, mask, row_digest: str) -> None:
+    def set_row(self, slot: int, rows: Mapping[str, object], row_digest: str) -> None:
+        """Write one profile's rows ({table: [L, E] values}, every per-profile table) into `slot`."""
         self._check_slot(slot)
-        self.bias[slot].copy_(torch.as_tensor(bias, dtype=torch.float32))
-        self.mask[slot].copy_(torch.as_tensor(mask, dtype=torch.int8))
+        if set(rows) != set(ROW_DTYPES):
+            raise ValueError(f"steering row tables {sorted(rows)}; this engine holds {sorted(ROW_DTYPES)}")
+        for table, dtype in ROW_DTYPES.items():
+            getattr(self, table)[slot].copy_(torch.as_tensor(rows[table], dtype=dtype))
         self.digests[slot] = row_digest
 
     def clear_row(self, slot: int) -> None:
         self._check_slot(slot)
-        self.bias[slot].zero_()
-        self.mask[slot].zero_()
+        for table in ROW_DTYPES:
+            getattr(self, table)[slot].zero_()
         self.digests.pop(slot, None)
 
     def holds(self, slot: int, row_digest: str) -> bool:
@@ -84,7 +108,7 @@ class SteeringTable(nn.Module):
         """Reset the step's first num_tokens entries (no row, full k: padding and stale values),
         then write each token's row and budget (None: none this step)."""
         self.index[:num_tokens].zero_()
-        self.top_k[:num_tokens].fill_(self.full_top_k)
-        for buffer, per_token in ((self.index, rows), (self.top_k, budgets)):
+        self.budget[:num_tokens].fill_(self.top_k)
+        for buffer, per_token in ((self.index, rows), (self.budget, budgets)):
             if per_token is not None and per_token.size:
                 buffer[: per_token.shape[0]].copy_(torch.from_numpy(per_token))

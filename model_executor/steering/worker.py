@@ -112,10 +112,10 @@ class RequestRows:
         """(rows, budgets) of each token of the step, or None for what no request of it uses."""
         steering = [self.steering(k) for k in keys]
         rows = np.fromiter((s.row for s in steering), dtype=np.int32, count=len(steering))
-        budgets = np.fromiter((self.table.full_top_k if s.top_k is None else s.top_k for s in steering),
+        budgets = np.fromiter((self.table.top_k if s.top_k is None else s.top_k for s in steering),
                               dtype=np.int32, count=len(steering))
         return (expand_rows(rows, query_start_loc) if rows.any() else None,
-                expand_rows(budgets, query_start_loc) if (budgets != self.table.full_top_k).any() else None)
+                expand_rows(budgets, query_start_loc) if (budgets != self.table.top_k).any() else None)
 
 
 class V1StepHook:
@@ -230,15 +230,15 @@ class SteeringWorker(_PlatformWorker):
             raise PermissionError("this engine already holds another API process's steering secret")
         rows.secret = secret
 
-    def unipool_set_profile(self, slot: int, bias, mask, row_digest: str | None, auth: str) -> None:
-        """Write (or clear, when bias is None) one table row in place; `auth` proves the caller."""
+    def unipool_set_profile(self, slot: int, rows: dict | None, row_digest: str | None, auth: str) -> None:
+        """Write (or clear, when rows is None) one table row in place; `auth` proves the caller."""
         secret = self._steering_rows.secret
         if secret is None or not hmac.compare_digest(auth, contract.profile_auth(secret, slot, row_digest)):
             raise PermissionError("steering rows are written only by the API process that set the secret")
-        if bias is None:
+        if rows is None:
             self._table().clear_row(slot)
         else:
-            self._table().set_row(slot, bias, mask, row_digest)
+            self._table().set_row(slot, rows, row_digest)
 
     def unipool_routing_stats(self):
         """Cumulative token-slots per (layer, expert) as nested lists, [L, E]."""

@@ -16,7 +16,7 @@ SPEC = dict(tp=2, layers=4, hidden=128, heads=2, groups=1, head_dim=64, experts=
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from unipool_serve.model_executor.convert import cli
+    from unipool_serve.tools.convert import cli
 
     ckpt = tmp_path_factory.mktemp("megatron")
     spec = write_checkpoint(ckpt, **SPEC)

@@ -15,7 +15,7 @@ LAYOUT = dict(num_hidden_layers=4, layers_per_pool=1, num_experts=8, num_experts
 
 @pytest.fixture(scope="module")
 def pruned(tiny_model_factory, tmp_path_factory):
-    from unipool_serve.model_executor.convert import cli
+    from unipool_serve.tools.convert import cli
 
     model = tiny_model_factory("prune_source", seed=6, **LAYOUT)
     work = tmp_path_factory.mktemp("prune")

@@ -164,9 +164,9 @@ def test_fit_captures_what_the_reference_model_computes(server, tiny_model_facto
     final user message) and their raw logits are the reference model's, to float16."""
     import torch
 
-    from unipool_serve.model_executor.steering.fit.data import Example
-    from unipool_serve.model_executor.steering.fit.server import ServerSource
-    from unipool_serve.model_executor.steering.fit.sources import ReferenceSource
+    from unipool_serve.tools.fit.data import Example
+    from unipool_serve.tools.fit.server import ServerSource
+    from unipool_serve.tools.fit.sources import ReferenceSource
 
     model = tiny_model_factory("capture-model", seed=7, num_experts_per_tok=TOP_K, router_type="softmax",
                                norm_topk_prob=True)  # the server fixture's folder (the factory caches it)

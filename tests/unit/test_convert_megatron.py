@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from megatron_checkpoints import ITERATION, write_checkpoint, write_gpt2_files
-from unipool_serve.model_executor.convert import cli
-from unipool_serve.model_executor.convert.errors import ConversionError
-from unipool_serve.model_executor.convert.megatron import convert_megatron
-from unipool_serve.model_executor.convert.megatron_args import read_run
-from unipool_serve.model_executor.convert.safe_load import PickledStandIn, load_rank_file
+from unipool_serve.tools.convert import cli
+from unipool_serve.tools.convert.errors import ConversionError
+from unipool_serve.tools.convert.megatron import convert_megatron
+from unipool_serve.tools.convert.megatron_args import read_run
+from unipool_serve.tools.convert.safe_load import PickledStandIn, load_rank_file
 
 ATOL = 1e-5  # fp32 on both sides; measured differences are ~1e-6
 REAL = {  # name -> write_checkpoint spec; every layout and split megatron-core builds on CPU
@@ -191,7 +191,7 @@ def test_sharded_output_loads_the_same(real, gpt2_files, tmp_path):
 
 
 def test_pools_are_streamed_one_expert_at_a_time(real, gpt2_files, tmp_path, monkeypatch):
-    from unipool_serve.model_executor.convert import output_folder
+    from unipool_serve.tools.convert import output_folder
 
     ckpt, spec = real("tp2_hyper_norm")
     largest = {}
@@ -317,7 +317,7 @@ def test_every_load_is_weights_only_and_memory_mapped(real, gpt2_files, tmp_path
 
 
 def test_failure_while_writing_leaves_no_folder(real, gpt2_files, tmp_path, monkeypatch):
-    from unipool_serve.model_executor.convert.megatron_tensors import MegatronTensors
+    from unipool_serve.tools.convert.megatron_tensors import MegatronTensors
 
     ckpt, _ = real("tp2_hyper_norm")
 
@@ -395,7 +395,7 @@ def test_unsupported_args_are_named(overrides, message):
 
 
 def test_pipeline_parallel_checkpoints_are_refused(tmp_path):
-    from unipool_serve.model_executor.convert.megatron_files import rank_grid
+    from unipool_serve.tools.convert.megatron_files import rank_grid
 
     with pytest.raises(ConversionError, match="pipeline_model_parallel_size=2"):
         rank_grid(tmp_path, 1, 2, 1)
@@ -424,7 +424,7 @@ def test_megatron_types_load_as_inert_stand_ins(tmp_path):
 def test_gpt2_tokenizer_matches_the_reference_bpe(gpt2_files, tmp_path):
     from transformers import GPT2Tokenizer
 
-    from unipool_serve.model_executor.convert.tokenizer_files import gpt2_bpe
+    from unipool_serve.tools.convert.tokenizer_files import gpt2_bpe
 
     ours = gpt2_bpe(gpt2_files["vocab_file"], gpt2_files["merge_file"], 256)
     slow = GPT2Tokenizer(str(gpt2_files["vocab_file"]), str(gpt2_files["merge_file"]))  # OpenAI's algorithm

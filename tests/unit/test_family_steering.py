@@ -174,10 +174,10 @@ class _Router:
 def test_gate_hook_and_router_tap_on_stand_ins():
     logits, bias, mask = _rows(seed=3)
     table = SteeringTable(T, 2, E, 2, top_k=K)
-    table.set_row(1, torch.stack([torch.zeros(E), bias[0]]), torch.stack([torch.zeros(E), mask[0]]).to(torch.int8),
-                  "d1")
+    table.set_row(1, {"bias": torch.stack([torch.zeros(E), bias[0]]),
+                      "mask": torch.stack([torch.zeros(E), mask[0]]).to(torch.int8)}, "d1")
     table.index[: T // 2] = 1  # first half steered, second half not
-    table.top_k[: T // 2] = 0  # ... and with a routed budget of zero
+    table.budget[: T // 2] = 0  # ... and with a routed budget of zero
     gate = _Gate(logits)
     gate.register_forward_hook(GateHook(table, layer=1))
     steered, _ = gate(None)
@@ -212,7 +212,7 @@ def test_cli_reads_shapes_from_a_family_folder(tmp_path, capsys):
     import json
 
     from unipool_serve.demo.tiny_families import write_family_model
-    from unipool_serve.model_executor.steering.cli import main
+    from unipool_serve.tools.steering_cli import main
 
     folder = write_family_model(tmp_path / "ds", "DeepseekV3ForCausalLM", seed=1)
     (tmp_path / "p.json").write_text(json.dumps({"name": "alone", "expert_budget": {"top_k": 0},

@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 
 from unipool_serve.server.enforcement import CURRENT_REQUEST
-from unipool_serve.server.gateway import SteeringGateway
+from unipool_serve.server.gateway import APIGateway
 from unipool_serve.server.policy import AccessPolicy
 
 
@@ -34,7 +34,7 @@ def _call(policy: AccessPolicy, body: bytes | dict | None = None, key: str | Non
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    gateway = SteeringGateway(app, _app().router, policy)
+    gateway = APIGateway(app, _app().router, policy)
     raw = json.dumps(body).encode() if isinstance(body, dict) else (body or b"")
     messages = [{"type": "http.request", "body": raw, "more_body": False}]
     sent = []

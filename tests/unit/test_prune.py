@@ -9,11 +9,11 @@ import torch
 
 from unipool_serve.demo.tiny_model import tiny_config, write_tiny_model
 from unipool_serve.model_executor.config import UniPoolConfig
-from unipool_serve.model_executor.convert.cli import main as convert_main
-from unipool_serve.model_executor.convert.errors import ConversionError
-from unipool_serve.model_executor.convert.prune import kept_experts, prune_model
+from unipool_serve.tools.convert.cli import main as convert_main
+from unipool_serve.tools.convert.errors import ConversionError
+from unipool_serve.tools.convert.prune import kept_experts, prune_model
 from unipool_serve.model_executor.reference.hf_registration import register_hf
-from unipool_serve.model_executor.steering.cli import main as steering_main
+from unipool_serve.tools.steering_cli import main as steering_main
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 
 

@@ -40,9 +40,41 @@ def test_salts_differ_by_profile_and_user_salt_and_stay_within_vllm_limits():
 def test_every_rpc_of_the_contract_is_a_worker_method():
     from unipool_serve.model_executor.steering.worker import SteeringWorker
 
-    for name in (contract.RPC_SET_SECRET, contract.RPC_SET_PROFILE, contract.RPC_ROUTING_STATS,
-                 contract.RPC_STEERING_ROWS):
+    declared = {value for key, value in vars(contract).items() if key.startswith("RPC_") and isinstance(value, str)}
+    assert declared == set(contract.RPC_NAMES), "every RPC_* name is listed in contract.RPC_NAMES"
+    for name in contract.RPC_NAMES:
         assert callable(getattr(SteeringWorker, name))
+
+
+def test_a_profiles_rows_are_keyed_by_the_contracts_tables():
+    from unipool_serve.demo.tiny_model import tiny_config
+    from unipool_serve.model_executor.steering.profile import SteeringProfile
+    from unipool_serve.model_executor.steering.table import ROW_DTYPES
+
+    profile = SteeringProfile.for_config(tiny_config(), name="p", exclude={0: [1]})
+    slot, rows, row_digest, _ = contract.set_profile_args(SECRET, 3, profile)
+    assert tuple(rows) == tuple(ROW_DTYPES) == contract.ROW_TABLES
+    table = SteeringTable(4, profile.num_layers, profile.num_experts, 4, profile.top_k)
+    table.set_row(slot, rows, row_digest)
+    assert table.mask[3, 0, 1] == -1 and table.holds(3, row_digest)
+    with pytest.raises(ValueError, match="row tables"):
+        table.set_row(slot, {"bias": rows["bias"]}, row_digest)
+    assert contract.set_profile_args(SECRET, 3, None)[1] is None  # clears the row
+
+
+def test_one_budget_rule():
+    assert contract.parse_budget(None) is None and contract.parse_budget({"top_k": 0}) == 0
+    for bad in ({"top_k": -1}, {"top_k": True}, {"top_k": "1"}, {"k": 1}, 1):
+        with pytest.raises(contract.BudgetError, match="expert_budget"):
+            contract.parse_budget(bad)
+    assert contract.effective_budget(None, None, 2, False) is None
+    assert contract.effective_budget(2, 1, 2, False) == 1  # a request cannot raise its profile's budget
+    assert contract.effective_budget(2, None, 2, False) is None  # the full k is no budget at all
+    with pytest.raises(contract.BudgetError, match="exceeds the model's top_k=2"):
+        contract.effective_budget(3, None, 2, True)
+    with pytest.raises(contract.BudgetError, match="no shared expert"):
+        contract.effective_budget(0, None, 2, False)
+    assert contract.effective_budget(0, None, 2, True) == 0
 
 
 def test_expand_rows_gives_each_token_its_requests_row():
@@ -54,7 +86,7 @@ def test_expand_rows_gives_each_token_its_requests_row():
 
 def test_table_rows_and_the_step_index():
     table = SteeringTable(max_tokens=8, num_layers=2, num_experts=4, max_profiles=2, top_k=2)
-    table.set_row(2, torch.ones(2, 4), torch.full((2, 4), -1), "d2")
+    table.set_row(2, {"bias": torch.ones(2, 4), "mask": torch.full((2, 4), -1)}, "d2")
     assert table.holds(2, "d2") and not table.holds(2, "other") and not table.holds(1, "d2")
     table.index.fill_(7)  # stale values from an earlier step or a warm-up run
     table.fill_index(5, np.array([2, 2, 0], dtype=np.int32))
@@ -64,7 +96,7 @@ def test_table_rows_and_the_step_index():
     table.clear_row(2)
     assert not table.holds(2, "d2") and table.bias[2].abs().sum() == 0 and table.mask[2].abs().sum() == 0
     with pytest.raises(ValueError, match="outside 1..2"):
-        table.set_row(0, torch.zeros(2, 4), torch.zeros(2, 4), "row 0 is never written")
+        table.set_row(0, {"bias": torch.zeros(2, 4), "mask": torch.zeros(2, 4)}, "row 0 is never written")
     table.fill_index(4, np.array([1, 1], dtype=np.int32), np.array([1, 0], dtype=np.int32))
-    assert table.top_k[:4].tolist() == [1, 0, 2, 2]  # budgets written, the rest back to the full k
+    assert table.budget[:4].tolist() == [1, 0, 2, 2]  # budgets written, the rest back to the full k
     assert SteeringTable(8, 2, 4, 2, top_k=2, enabled=False).view(5) is None

@@ -15,11 +15,11 @@ import torch
 from transformers import MixtralConfig
 
 from unipool_serve.demo.tiny_model import tiny_config, write_tiny_model
-from unipool_serve.model_executor.steering.cli import main as steering_cli
-from unipool_serve.model_executor.steering.fit import optimise, report, surrogate
-from unipool_serve.model_executor.steering.fit.data import Example, FitDataError, read_examples, split
-from unipool_serve.model_executor.steering.fit.judge import JudgeError, parse_judge
-from unipool_serve.model_executor.steering.fit.pipeline import FitOptions, run_fit
+from unipool_serve.tools.steering_cli import main as steering_cli
+from unipool_serve.tools.fit import optimise, report, surrogate
+from unipool_serve.tools.fit.data import Example, FitDataError, read_examples, split
+from unipool_serve.tools.fit.judge import JudgeError, parse_judge
+from unipool_serve.tools.fit.pipeline import FitOptions, run_fit
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from unipool_serve.demo.tiny_model import tiny_config
-from unipool_serve.model_executor.steering.fit.data import Example
-from unipool_serve.model_executor.steering.fit.server import ServerSource
-from unipool_serve.model_executor.steering.fit.sources import FitSourceError, final_user_span
+from unipool_serve.tools.fit.data import Example
+from unipool_serve.tools.fit.server import ServerSource
+from unipool_serve.tools.fit.sources import FitSourceError, final_user_span
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -199,8 +199,8 @@ def test_malformed_generation_answers_are_named():
 @pytest.fixture
 def cli_with(monkeypatch, tiny_model_factory, tmp_path, capsys):
     """run(fake, *extra) -> (exit code, stdout, stderr) of `fit --server` on 10 + 10 prompts."""
-    from unipool_serve.model_executor.steering.cli import main as steering_cli
-    from unipool_serve.model_executor.steering.fit import server as server_mod
+    from unipool_serve.tools.steering_cli import main as steering_cli
+    from unipool_serve.tools.fit import server as server_mod
 
     folder = tiny_model_factory("fit-server", num_hidden_layers=L, num_experts=E)
     data = tmp_path / "data.jsonl"

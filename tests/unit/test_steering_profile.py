@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from unipool_serve.model_executor.steering.cli import main as steering_cli
+from unipool_serve.tools.steering_cli import main as steering_cli
 from unipool_serve.model_executor.steering.profile import SteeringProfile, SteeringProfileError
 from unipool_serve.demo.tiny_model import tiny_config
 

@@ -20,7 +20,7 @@ SECRET = b"w" * 32
 
 def _rows() -> RequestRows:
     table = SteeringTable(max_tokens=16, num_layers=1, num_experts=4, max_profiles=3, top_k=2)
-    table.set_row(2, torch.zeros(1, 4), torch.zeros(1, 4), "d2")
+    table.set_row(2, {"bias": torch.zeros(1, 4), "mask": torch.zeros(1, 4)}, "d2")
     rows = RequestRows(table)
     rows.secret = SECRET
     return rows

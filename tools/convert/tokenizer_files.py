@@ -13,16 +13,11 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from unipool_serve.model_executor.config import CHAT_TEMPLATE
+
 from .errors import ConversionError
 
 END_OF_TEXT = "<|endoftext|>"
-# A minimal chat format, so /v1/chat/completions works on every model we write.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'] }}: {{ message['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 
 
 @dataclass

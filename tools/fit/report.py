@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..profile import SteeringProfile
+from unipool_serve.model_executor.steering.profile import SteeringProfile
 from .surrogate import RoutingSurrogate, probabilities
 
 RANDOM_SEEDS = (0, 1, 2)

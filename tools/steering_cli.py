@@ -12,7 +12,7 @@ the folder's config.json: a UniPool model or any of vLLM's MoE families steering
 A sub-pool (UniPool models) is a profile that excludes every expert but each pool's most used
 ones (ranked like `unipool-convert prune`, docs/expert-budgets.md): requests under it, or keys
 bound to it, touch fewer expert weights per step. `fit` (UniPool models) makes a profile from
-labelled examples (MASCing's pipeline; steering/fit/, docs/fitting-profiles.md).
+labelled examples (MASCing's pipeline; tools/fit/, docs/fitting-profiles.md).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
+from unipool_serve.model_executor.steering.profile import SteeringProfile, SteeringProfileError
+from unipool_serve.model_executor.steering.shape import SteerableModel
+
 from .fit import command as fit_command
-from .profile import SteeringProfile, SteeringProfileError
-from .shape import SteerableModel
 
 
 def _load_array(path: Path) -> torch.Tensor:
@@ -40,9 +41,9 @@ def _load_array(path: Path) -> torch.Tensor:
 
 
 def _subpool(args, model) -> SteeringProfile:
-    from ..config import UniPoolConfig
-    from ..convert.prune import kept_experts
-    from ..usage import read_usage
+    from unipool_serve.model_executor.config import UniPoolConfig
+    from .convert.prune import kept_experts
+    from .usage import read_usage
 
     if not model.is_unipool:
         raise SteeringProfileError(f"subpool: {model.architecture} is not a UniPool model (pools and their usage "

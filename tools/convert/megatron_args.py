@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import norm_router_constant
+from unipool_serve.model_executor.config import norm_router_constant
 from .errors import ConversionError
 
 _MISSING = object()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..profile import SteeringProfile
+from unipool_serve.model_executor.steering.profile import SteeringProfile
 from .data import Example
 from .sources import FitSourceError, blank_final_user, final_user_span
 

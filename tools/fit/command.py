@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ...config import UniPoolConfig
-from ..profile import SteeringProfile, SteeringProfileError, check_name
-from ..shape import SteerableModel
+from unipool_serve.model_executor.config import UniPoolConfig
+from unipool_serve.model_executor.steering.profile import SteeringProfile, SteeringProfileError, check_name
+from unipool_serve.model_executor.steering.shape import SteerableModel
 from .data import FitDataError, read_examples
 from .judge import JUDGE_KINDS, JudgeError, parse_judge
 from .pipeline import DEFAULT_ALPHAS, DEFAULT_LAMBDAS, FitError, FitOptions, run_fit

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import UniPoolConfig
+from unipool_serve.model_executor.config import UniPoolConfig
 from .errors import ConversionError
 from .megatron_args import read_run
 from .megatron_files import find_iteration_dir, first_rank_file, rank_grid
@@ -52,7 +52,7 @@ class ConversionReport:
         c = self.config
         pools = f"{c.num_pools} pool{'s' if c.num_pools > 1 else ''} of {c.num_experts} experts"
         router = f"{c.router_type} router top-{c.num_experts_per_tok}"
-        if c.router_type == "norm":
+        if c.routing_spec().kind.learned_scale:  # NormRouter: its constant c
             router += f", c={c.norm_router_c:.9g}"
         dtype = str(self.dtype).removeprefix("torch.")
         return (f"wrote {self.out_dir} from {self.iteration_dir} (TP={self.tp_size}, EP={self.ep_size}, "

@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..profile import SteeringProfile
+from unipool_serve.model_executor.steering.profile import SteeringProfile
 from .data import Example
 
 
@@ -72,8 +72,8 @@ class ReferenceSource:
     def __init__(self, model_dir: str | Path, device: str = "cpu"):
         from transformers import AutoTokenizer
 
-        from ...reference.hf_registration import register_hf
-        from ...reference.model import UniPoolForCausalLM
+        from unipool_serve.model_executor.reference.hf_registration import register_hf
+        from unipool_serve.model_executor.reference.model import UniPoolForCausalLM
 
         register_hf()
         self.description = f"reference model {model_dir}"

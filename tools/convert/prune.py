@@ -25,8 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import UniPoolConfig
-from ..steering.profile import SteeringProfile, SteeringProfileError
+from unipool_serve.model_executor.config import UniPoolConfig
+from unipool_serve.model_executor.steering.profile import SteeringProfile, SteeringProfileError
 from .errors import ConversionError
 from .output_folder import check_new_folder, output_folder
 

@@ -81,7 +81,7 @@ def _add_megatron(sub) -> None:
 
 
 def _run_prune(args: argparse.Namespace) -> None:
-    from ..config import UniPoolConfig
+    from unipool_serve.model_executor.config import UniPoolConfig
     from ..usage import UsageError, read_usage
     from .prune import check_keep, prune_model
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from unipool_serve.kernels.routing_spec import router_kind
+
 from .errors import ConversionError
 from .megatron_files import RankGrid
 
@@ -79,6 +81,7 @@ class MegatronTensors:
         self.Q, self.G, self.D = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
         self.S, self.V, self.El = c["shared_expert_intermediate_size"], c["vocab_size"], self.E // self.EP
         self.per_pool = c["layers_per_pool"]
+        self.learned_scale = router_kind(c["router_type"]).learned_scale  # routers carry `norm_scale`
 
     # ---- names and per-rank shapes ------------------------------------------------------
     def _expert_keys(self, l: int) -> dict[str, tuple[int, ...]]:
@@ -104,7 +107,7 @@ class MegatronTensors:
         for l in range(self.L):
             p = f"decoder.layers.{l}."
             keys += [self._norm_key(l), p + "pre_mlp_layernorm.weight", p + "mlp.router.weight"]
-            if self.cfg["router_type"] == "norm":
+            if self.learned_scale:
                 keys.append(p + "mlp.router.norm_scale")
         return keys
 
@@ -120,7 +123,7 @@ class MegatronTensors:
             shapes[p + "self_attention.linear_qkv.weight"] = (self.G * (self.Q // self.G + 2) * self.D // T, H)
             shapes[p + "self_attention.linear_proj.weight"] = (H, self.Q * self.D // T)
             shapes[p + "mlp.router.weight"] = (self.E, H)
-            if self.cfg["router_type"] == "norm":
+            if self.learned_scale:
                 shapes[p + "mlp.router.norm_scale"] = (1,)
             if self.S:
                 shapes[p + "mlp.shared_experts.linear_fc1.weight"] = (2 * self.S // T, H)
@@ -240,7 +243,7 @@ class MegatronTensors:
                 add(m + "shared_expert.down_proj.weight", (H, self.S),
                     lambda k=fc2: iter([torch.cat(list(self._rows(k)), dim=1)]))
             add(f"model.routers.{l}.weight", (self.E, H), lambda k=p + "mlp.router.weight": self._one(k), True)
-            if self.cfg["router_type"] == "norm":
+            if self.learned_scale:
                 add(f"model.routers.{l}.norm_scale", (1,), lambda k=p + "mlp.router.norm_scale": self._one(k), True)
         for pool in range(self.L // self.per_pool):
             leader = pool * self.per_pool

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UniPoolConfig
+from unipool_serve.model_executor.config import UniPoolConfig
 
 _SAMPLE = re.compile(r'^unipool_expert_tokens_total\{([^}]*)\} (\S+)$', re.MULTILINE)
 
@@ -62,8 +62,8 @@ def usage_from_metrics(url: str, config: UniPoolConfig) -> torch.Tensor:
 def usage_from_calibration(path: Path, model_dir: Path, config: UniPoolConfig, max_tokens: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from .reference.hf_registration import register_hf
-    from .reference.model import UniPoolForCausalLM
+    from unipool_serve.model_executor.reference.hf_registration import register_hf
+    from unipool_serve.model_executor.reference.model import UniPoolForCausalLM
 
     if not path.is_file():
         raise UsageError(f"{path} is neither an http(s) URL nor a file")

@@ -1,0 +1,181 @@
+"""`unipool-steering fit`, end to end: capture, surrogate, S, alpha, profile, evaluation.
+
+    examples -> split (train / validation / test, stratified, by --seed)
+             -> capture router logits of every example once (sources.py, server.py)
+             -> train the surrogate on the training split; accuracy on validation and test
+             -> per lambda: optimise S on the training label-1 traces, sparsify
+             -> pick (lambda, alpha) on the validation split (surrogate, or judge)
+             -> the profile, with its provenance; the evaluation table on the test split
+
+Deterministic for a seed: every random draw (split, surrogate init, batch order, random
+controls) comes from a generator seeded by it; only the provenance's `created` differs
+between two runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from unipool_serve.model_executor.config import UniPoolConfig
+from unipool_serve.model_executor.steering.profile import SteeringProfile
+from . import optimise, report, surrogate as surrogate_mod
+from .data import Example, Splits, split
+from .judge import Judge
+
+DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0)
+DEFAULT_LAMBDAS = (1e-3, 1e-2)
+METHOD = ("unipool-steering fit: MASCing surrogate (LayerNorm, shared Linear E->16, LSTM 64, Linear 1; BCE, Adam) "
+          "on router logits; S by Adam against the frozen surrogate (target label 0, L1), sparsified")
+
+
+class FitError(ValueError):
+    """The fit cannot go on; the message says why and what to change."""
+
+
+@dataclass
+class FitOptions:
+    name: str
+    seed: int = 0
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS
+    alphas: Sequence[float] = DEFAULT_ALPHAS
+    threshold: float = 0.1
+    surrogate_epochs: int = 30
+    bias_epochs: int = 100
+    judge: Judge | None = None
+    judge_tokens: int = 32
+    description: str = ""
+    compare: Sequence[SteeringProfile] = ()
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    profile: SteeringProfile
+    rows: list[report.Row]
+    accuracy: dict[str, float]
+    candidates: list[optimise.Candidate]
+    counts: dict[int, int] = field(default_factory=dict)  # test examples per label
+
+    def table(self) -> str:
+        return report.format_table(self.rows, self.counts)
+
+
+def check_logits_shape(traces: Sequence[torch.Tensor], config: UniPoolConfig, source: str) -> None:
+    want = (config.num_hidden_layers, config.num_experts)
+    for trace in traces:
+        if tuple(trace.shape[1:]) != want:
+            raise FitError(f"{source} gives router logits for {list(trace.shape[1:])} (layers, experts) but the model "
+                           f"folder is for {list(want)}: point --model at the folder of the model being captured")
+
+
+@dataclass
+class Captured:
+    """Router-logit traces of every example, by split, and the examples' labels."""
+
+    splits: Splits
+    traces: dict[str, list[torch.Tensor]]  # split -> [T, L, E] per example, in the split's order
+    labels: dict[str, list[int]]
+
+    def of_label(self, name: str, label: int) -> list[torch.Tensor]:
+        return [t for t, y in zip(self.traces[name], self.labels[name]) if y == label]
+
+    def examples(self, name: str, label: int) -> list[Example]:
+        return [e for e in getattr(self.splits, name) if e.label == label]
+
+
+def capture_splits(source, config: UniPoolConfig, examples: list[Example], opts: FitOptions) -> Captured:
+    """Split the examples and capture each one's router logits once."""
+    splits = split(examples, opts.seed)
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    captured = source.capture([e for part in parts.values() for e in part], progress=opts.progress)
+    check_logits_shape(captured, config, source.description)
+    traces, start = {}, 0
+    for name, part in parts.items():
+        traces[name], start = captured[start:start + len(part)], start + len(part)
+    return Captured(splits, traces, {name: [e.label for e in part] for name, part in parts.items()})
+
+
+def fit_biases(model, data: Captured, opts: FitOptions) -> dict[float, torch.Tensor]:
+    """lambda -> the sparsified S it gives (the all-zero ones left out)."""
+    biases = {}
+    for l1 in opts.lambdas:
+        fitted = optimise.fit_bias(model, data.of_label("train", 1), l1=l1, seed=opts.seed, epochs=opts.bias_epochs,
+                                   progress=opts.progress)
+        sparse = optimise.sparsify(fitted, opts.threshold)
+        if sparse.any():
+            biases[l1] = sparse
+    if not biases:
+        raise FitError(f"every fitted S is zero once entries with |S| <= {opts.threshold} are dropped: lower --lambda "
+                       "or --threshold (or check the surrogate's accuracy: it may have found no signal)")
+    return biases
+
+
+def choose(model, candidates: list[optimise.Candidate], source, data: Captured, opts: FitOptions,
+           as_profile) -> optimise.Candidate:
+    """The candidate the judge (on the validation split's continuations) or else the surrogate prefers."""
+    if opts.judge is None:
+        return optimise.choose_by_surrogate(candidates)
+
+    def judged_val(candidate, label):
+        profile = None if candidate is None else as_profile(candidate.bias, candidate.alpha)
+        texts = source.generate(data.examples("val", label), profile, opts.judge_tokens, progress=False)
+        return opts.judge.rate(texts)
+
+    return optimise.choose_by_judge(candidates, judged_val, opts.progress)
+
+
+def evaluate(model, fitted: SteeringProfile, chosen: optimise.Candidate, source, data: Captured,
+             opts: FitOptions) -> list[report.Row]:
+    """The test split's table: unsteered, the fitted profile, its random controls, the compared profiles."""
+    def judged(profile, label):
+        return opts.judge.rate(source.generate(data.examples("test", label), profile, opts.judge_tokens,
+                                               progress=False))
+
+    steerings = [("unsteered", None), (f"fitted (lambda {chosen.l1:g}, alpha {chosen.alpha:g})", fitted),
+                 *report.random_controls(fitted), *((f"compare: {p.name}", p) for p in opts.compare)]
+    return report.evaluate(model, steerings, data.of_label("test", 1), data.of_label("test", 0),
+                           judged if opts.judge is not None else None)
+
+
+def provenance(source, examples: list[Example], data_hash: str, data: Captured, acc: dict[str, float],
+               chosen: optimise.Candidate, candidates: list[optimise.Candidate], rows: list[report.Row],
+               opts: FitOptions) -> dict:
+    """How the profile was made: written into its file (never part of its routing or its hash)."""
+    return {
+        "method": METHOD, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source.description, "data_sha256": data_hash, "split_seed": opts.seed,
+        "splits": data.splits.sizes(),
+        "examples": {"label_1": sum(e.label for e in examples), "label_0": sum(1 - e.label for e in examples)},
+        "tokens": "chat: the final user message; plain prompt: every prompt token",
+        "surrogate": {"epochs": opts.surrogate_epochs, "accuracy": {k: round(v, 4) for k, v in acc.items()}},
+        "lambda": chosen.l1, "alpha": chosen.alpha, "threshold": opts.threshold, "bias_epochs": opts.bias_epochs,
+        "nonzero": int((chosen.bias != 0).sum()),
+        "alpha_chosen_by": opts.judge.spec if opts.judge is not None else "surrogate",
+        "candidates": [{"lambda": c.l1, "alpha": c.alpha, "surrogate_rate": round(c.surrogate_rate, 4),
+                        "judge_rate": c.judge_rate, "judge_rate_label_0": c.judge_rate_0} for c in candidates],
+        "evaluation": [r.as_dict() for r in rows],
+    }
+
+
+def run_fit(source, config: UniPoolConfig, examples: list[Example], data_hash: str, opts: FitOptions) -> FitResult:
+    """The whole run (see the module doc), one step per function."""
+    data = capture_splits(source, config, examples, opts)
+    model = surrogate_mod.train_surrogate(data.traces["train"], data.labels["train"], seed=opts.seed,
+                                          epochs=opts.surrogate_epochs, progress=opts.progress)
+    acc = {name: surrogate_mod.accuracy(model, data.traces[name], data.labels[name]) for name in ("train", "val", "test")}
+    candidates = optimise.score_candidates(model, fit_biases(model, data, opts), opts.alphas, data.of_label("val", 1))
+
+    def as_profile(bias, alpha, provenance=None):
+        return SteeringProfile.for_config(config, name=opts.name, bias=bias, alpha=alpha, description=opts.description,
+                                          provenance=provenance)
+
+    chosen = choose(model, candidates, source, data, opts, as_profile)
+    rows = evaluate(model, as_profile(chosen.bias, chosen.alpha), chosen, source, data, opts)
+    made = provenance(source, examples, data_hash, data, acc, chosen, candidates, rows, opts)
+    profile = as_profile(chosen.bias, chosen.alpha, provenance=made)
+    counts = {y: len(data.examples("test", y)) for y in (0, 1)}
+    return FitResult(profile, rows, acc, candidates, counts)
