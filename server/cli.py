@@ -178,7 +178,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(ours.api_key)} API key(s); admin {'on' if ours.admin_key else 'off'}; "
           f"listening on http://{ours.host}:{ours.port} (/ready turns 200 when loaded)", flush=True)
     uvloop.run(serve(args))
-    return 0
+    # Serving has ended and vLLM's shutdown is complete. Skip interpreter finalisation: there,
+    # Triton's bindings print a report of objects still alive at exit, which reads like a failure.
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,7 @@ ServerSettings (unipool-serve writes them from its flags).
 Not mounting a vLLM route means removing it from the app after vLLM registered it: the
 endpoint plugin runs after the core routers (`unmount`).
 
-Shutdown: vLLM's SIGTERM handler calls `engine_client.shutdown(timeout)` in a thread.
-Wrapped here, it first turns the server to draining (/ready 503, new requests 503 with
-Retry-After), stops our background task, waits (up to the grace period) for the running
-requests to finish, and stops AsyncLLM's output handler before the engine goes away, so a
-clean shutdown logs no EngineDeadError. Then vLLM's own shutdown runs.
+Shutdown: server/shutdown.py's DrainingShutdown wraps vLLM's engine shutdown (drain first).
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 
 from unipool_serve.model_executor.settings import ServerSettings, setting
 from unipool_serve.model_executor.steering import contract
@@ -34,6 +29,7 @@ from unipool_serve.model_executor.steering.shape import SteerableModel
 from .app_state import ServerState, attach_state, server_state
 from .gateway import APIGateway
 from .policy import AccessPolicy
+from .shutdown import DrainingShutdown
 
 logger = logging.getLogger("unipool_serve.server")
 PLUGIN_NAME = "unipool_api"
@@ -52,7 +48,7 @@ class UniPoolEndpointPlugin:
         self.metrics = None
         self.engine_client = None
         self.app = None
-        self.draining = False  # set once shutdown begins (from vLLM's shutdown thread: a plain flag)
+        self.shutdown: DrainingShutdown | None = None  # wraps vLLM's engine shutdown once serving
 
     def attach_router(self, app) -> None:
         from .steering_api import router
@@ -66,7 +62,7 @@ class UniPoolEndpointPlugin:
 
     def unavailable(self) -> str | None:
         """Why new requests cannot be served right now (None: they can)."""
-        if self.draining:
+        if self.shutdown is not None and self.shutdown.draining:
             return "the server is shutting down; retry on another replica"
         if self.engine_client is not None and self.engine_client.errored:
             return "the engine has stopped; this server cannot serve requests"
@@ -87,7 +83,7 @@ class UniPoolEndpointPlugin:
 
     async def _refresh_metrics(self) -> None:
         """Before a scrape: read the engine's routing counts, so the scrape covers every computed token."""
-        if self.metrics is None or self.engine_client is None or self.draining:
+        if self.metrics is None or self.engine_client is None or self.unavailable() is not None:
             return
         try:
             await asyncio.wait_for(self.metrics.refresh(self.engine_client), SCRAPE_TIMEOUT_S)
@@ -135,7 +131,7 @@ class UniPoolEndpointPlugin:
         await self.metrics.refresh(engine_client)  # baseline: warm-up runs are not served tokens
         loop = asyncio.get_running_loop()
         poller = loop.create_task(self.metrics.poll_forever(engine_client))
-        self._drain_before_shutdown(engine_client, loop, poller)
+        self.shutdown = DrainingShutdown(engine_client, loop, poller)
         if getattr(state, "serving_structured_decisions", "absent") is None:
             unmount(self.app, "/v1/systemone")  # vLLM answers 501 to every call for models it cannot read
         self.engine_client = engine_client
@@ -144,26 +140,6 @@ class UniPoolEndpointPlugin:
         logger.info("unipool_api: %d steering profile(s) loaded: %s", len(store.names()), store.names())
         for name, error in store.load_errors.items():
             logger.error("unipool_api: profile file %s rejected: %s", name, error)
-
-    def _drain_before_shutdown(self, engine_client, loop, *tasks) -> None:
-        from vllm.utils.async_utils import cancel_task_threadsafe
-
-        shutdown = engine_client.shutdown
-
-        def draining_shutdown(timeout: float | None = None, *args, **kwargs):
-            self.draining = True
-            for task in tasks:
-                loop.call_soon_threadsafe(task.cancel)
-            logger.info("unipool_api: draining: new requests get 503, running ones finish")
-            deadline = time.monotonic() + (timeout or 0)
-            while engine_client.get_num_unfinished_requests() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            handler = getattr(engine_client, "output_handler", None)
-            if handler is not None and not engine_client.get_num_unfinished_requests():
-                cancel_task_threadsafe(handler)  # idle now; the engine's exit would make it log an error
-            return shutdown(timeout, *args, **kwargs)
-
-        engine_client.shutdown = draining_shutdown
 
 
 def unmount(app, path: str) -> None:

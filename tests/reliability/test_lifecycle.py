@@ -1,4 +1,5 @@
-"""Shutdown under load drains cleanly; a dead engine makes the API answer 503 and /health fail, never hang.
+"""Shutdown under load drains cleanly, however it is asked for; a dead engine makes the API answer 503
+and /health fail, never hang; a dead API process leaves no engine behind.
 
 Each test starts (and ends) its own server. "Running" is an observed event here (the API has
 admitted the request, with the engine frozen so that nothing can finish), never a wait on the clock.
@@ -6,6 +7,7 @@ admitted the request, with the engine frozen so that nothing can finish), never 
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -27,7 +29,17 @@ def _streams(server, count: int):
     return start_streams(server.url, count, body, {"Authorization": f"Bearer {API_KEY}"})
 
 
-def test_sigterm_under_load_drains_and_exits_zero(tiny_model_factory, tmp_path_factory, full, report):
+# What must never appear in a clean stop's log: errors, a process vLLM had to kill, leak reports.
+UNCLEAN = re.compile(r"\bERROR\b|Traceback|force killing|leaked|nanobind|died unexpectedly")
+STOPS = {
+    "SIGTERM to the server (Kubernetes, docker stop)": lambda proc: proc.send_signal(signal.SIGTERM),
+    "SIGTERM to its process group (systemd)": lambda proc: os.killpg(proc.pid, signal.SIGTERM),
+    "SIGINT to its process group (Ctrl-C)": lambda proc: os.killpg(proc.pid, signal.SIGINT),
+}
+
+
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_a_stop_under_load_drains_and_exits_zero(stop, tiny_model_factory, tmp_path_factory, full, report):
     streams = 32 if full else 8
     with start(tmp_path_factory, tiny_model_factory("lifecycle-model", seed=2), []) as server:
         # a request the enforcement point refuses first: it must not stay registered as running
@@ -42,7 +54,7 @@ def test_sigterm_under_load_drains_and_exits_zero(tiny_model_factory, tmp_path_f
             _, results, threads = _streams(server, streams)
             server.wait_admitted("none", before + streams)
             log_before = len(server.log.read_text(errors="replace"))
-            server.proc.send_signal(signal.SIGTERM)
+            STOPS[stop](server.proc)  # the server runs in a session of its own: its group is its pid
             ready, deadline = 200, time.monotonic() + 300
             while ready == 200 and time.monotonic() < deadline:  # the drain flag is set by vLLM's shutdown thread
                 ready = httpx.get(f"{server.url}/ready", timeout=10).status_code
@@ -53,8 +65,8 @@ def test_sigterm_under_load_drains_and_exits_zero(tiny_model_factory, tmp_path_f
         code = server.proc.wait(timeout=120)
         shutdown_log = server.log.read_text(errors="replace")[log_before:]
     finished = sum(1 for status, tokens in results if status == 200 and tokens == TOKENS)
-    error_lines = [line for line in shutdown_log.splitlines() if re.search(r"\bERROR\b|Traceback", line)]
-    report(streams=streams, finished=finished, ready_during_drain=ready, late_request=late.status_code,
+    error_lines = [line for line in shutdown_log.splitlines() if UNCLEAN.search(line)]
+    report(stop=stop, streams=streams, finished=finished, ready_during_drain=ready, late_request=late.status_code,
            retry_after=late.headers.get("retry-after"), exit_code=code, error_lines=len(error_lines))
     assert ready == 503
     assert late.status_code == 503 and late.headers.get("retry-after") and late.json()["error"]["message"]
@@ -83,3 +95,16 @@ def test_a_dead_engine_gives_503_and_a_failing_health_check(tiny_model_factory, 
     report(health_after_kill=health, completion_after_kill=completion)
     assert health != 200
     assert completion in (503, "refused")
+
+
+def test_a_killed_api_process_leaves_no_engine_behind(tiny_model_factory, tmp_path_factory, report):
+    import psutil
+
+    with start(tmp_path_factory, tiny_model_factory("lifecycle-model", seed=2), []) as server:
+        children = psutil.Process(server.proc.pid).children(recursive=True)  # engine core, worker, tracker
+        assert server.engine_processes(), children
+        server.proc.kill()  # SIGKILL: no shutdown of its own runs
+        server.proc.wait(timeout=60)
+        gone, alive = psutil.wait_procs(children, timeout=120)  # a bound for a hang: they leave in seconds
+    report(children=len(children), left_behind=len(alive))
+    assert alive == [], [p.name() for p in alive]
