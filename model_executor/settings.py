@@ -85,6 +85,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "1 shows every key a profile's digest and rows; by default only the admin key sees them"),
     Setting("UNIPOOL_MAX_CAPTURE_BYTES", _count, str(64 << 20),
             "largest router-logits capture one request may ask for (bytes)"),
+    Setting("UNIPOOL_HEADER_TIMEOUT", _seconds, "30",
+            "seconds a connection has to send a request's headers (slow clients: server/http_protocol.py)"),
+    Setting("UNIPOOL_BODY_TIMEOUT", _seconds, "60", "seconds a request has to send its body, once its headers came"),
+    Setting("UNIPOOL_SEND_TIMEOUT", _seconds, "60",
+            "seconds a response may wait for its client to read before the connection is closed"),
 ]}
 
 
@@ -120,10 +125,14 @@ class ServerSettings:
     metrics_interval: float = 5.0
     public_profile_details: bool = False
     max_capture_bytes: int = 64 << 20
+    header_timeout: float = 30.0
+    body_timeout: float = 60.0
+    send_timeout: float = 60.0
 
     _ENV = {"api_keys": "UNIPOOL_API_KEYS", "admin_key": "UNIPOOL_ADMIN_KEY", "steering_dir": "UNIPOOL_STEERING_DIR",
             "metrics_interval": "UNIPOOL_METRICS_INTERVAL", "public_profile_details": "UNIPOOL_PUBLIC_PROFILE_DETAILS",
-            "max_capture_bytes": "UNIPOOL_MAX_CAPTURE_BYTES"}
+            "max_capture_bytes": "UNIPOOL_MAX_CAPTURE_BYTES", "header_timeout": "UNIPOOL_HEADER_TIMEOUT",
+            "body_timeout": "UNIPOOL_BODY_TIMEOUT", "send_timeout": "UNIPOOL_SEND_TIMEOUT"}
 
     def export(self) -> None:
         """Write these settings into this process's environment (inherited by what it starts)."""

@@ -49,6 +49,14 @@ def our_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--grace-period", type=int, default=30,
                         help="seconds SIGTERM waits for running requests before exiting (default 30)")
+    slow = parser.add_argument_group("slow clients (docs/reliability.md)")
+    slow.add_argument("--header-timeout", type=float, default=30.0, metavar="S",
+                      help="close a connection that has not sent a request's headers within S seconds (default 30)")
+    slow.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
+                      help="answer 408 to a request whose body has not arrived S seconds after its headers (default 60)")
+    slow.add_argument("--send-timeout", type=float, default=60.0, metavar="S",
+                      help="close a connection whose client has not read a waiting response for S seconds, aborting "
+                           "its request (default 60)")
     return parser
 
 
@@ -69,6 +77,9 @@ def server_settings(ours: argparse.Namespace, model: Path) -> ServerSettings:
         raise ValueError("--admin-key is empty")
     if ours.max_capture_bytes < 0:
         raise ValueError(f"--max-capture-bytes {ours.max_capture_bytes} must be >= 0")
+    for flag in ("header_timeout", "body_timeout", "send_timeout"):
+        if not getattr(ours, flag) > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(ours, flag)} must be > 0 seconds")
     policy = AccessPolicy.parse(ours.api_key, ours.admin_key)
     for profile in sorted(policy.bound_profiles()):
         if steering_dir is None or not (steering_dir / f"{profile}.safetensors").is_file():
@@ -76,7 +87,9 @@ def server_settings(ours: argparse.Namespace, model: Path) -> ServerSettings:
                              f"has no {profile}.safetensors")
     return ServerSettings(api_keys=list(ours.api_key), admin_key=ours.admin_key or "", steering_dir=steering_dir,
                           public_profile_details=ours.public_profile_details, max_capture_bytes=ours.max_capture_bytes,
-                          metrics_interval=ServerSettings.from_env().metrics_interval)
+                          metrics_interval=ServerSettings.from_env().metrics_interval,
+                          header_timeout=ours.header_timeout, body_timeout=ours.body_timeout,
+                          send_timeout=ours.send_timeout)
 
 
 def _configure_environment(settings: ServerSettings) -> None:

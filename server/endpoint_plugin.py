@@ -58,7 +58,8 @@ class UniPoolEndpointPlugin:
         attach_state(app, ServerState(self.policy, self.settings, self.unavailable))
         app.add_middleware(APIGateway, router=app.router, policy=self.policy,
                            on_steering_error=self._count_error, on_metrics_scrape=self._refresh_metrics,
-                           unavailable=self.unavailable, take_capture=self._take_capture)
+                           unavailable=self.unavailable, take_capture=self._take_capture,
+                           body_timeout=self.settings.body_timeout)
 
     def unavailable(self) -> str | None:
         """Why new requests cannot be served right now (None: they can)."""
@@ -82,13 +83,26 @@ class UniPoolEndpointPlugin:
             self.metrics.errors.labels(reason=reason).inc()
 
     async def _refresh_metrics(self) -> None:
-        """Before a scrape: read the engine's routing counts, so the scrape covers every computed token."""
+        """Before a scrape: read the engine's routing counts, so the scrape covers every computed token, and
+        free finished rows, so the rows gauge is current."""
         if self.metrics is None or self.engine_client is None or self.unavailable() is not None:
             return
         try:
+            await asyncio.wait_for(server_state(self.app).store.release_finished(), SCRAPE_TIMEOUT_S)
             await asyncio.wait_for(self.metrics.refresh(self.engine_client), SCRAPE_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - a scrape still answers, with the last counts
             logger.warning("routing statistics not refreshed for this scrape: %r", exc)
+
+    async def _every_interval(self, engine_client, store) -> None:
+        """Background upkeep: free the rows of deleted profiles whose requests have ended, and read the
+        routing counts for the per-interval gauges."""
+        while True:
+            try:
+                await store.release_finished()
+                self.metrics.update_gauges(await self.metrics.refresh(engine_client))
+            except Exception:  # noqa: BLE001 - upkeep must never take the server down
+                logger.exception("background upkeep (profile rows, routing statistics) failed")
+            await asyncio.sleep(self.settings.metrics_interval)
 
     async def init_state(self, engine_client, state, args) -> None:
         from vllm.v1.metrics.prometheus import get_prometheus_registry
@@ -127,11 +141,12 @@ class UniPoolEndpointPlugin:
                          max_capture_bytes=self.settings.max_capture_bytes,
                          capture_refused=capture_refused).install(engine_client)
         self.metrics = PoolMetrics(get_prometheus_registry(), list(model.layer_to_pool), model.num_experts,
-                                   self.settings.metrics_interval, setting("UNIPOOL_METRICS_MAX_EXPERT_SERIES"))
+                                   self.settings.metrics_interval, setting("UNIPOOL_METRICS_MAX_EXPERT_SERIES"),
+                                   rows_in_use=store.rows_in_use)
         await self.metrics.refresh(engine_client)  # baseline: warm-up runs are not served tokens
         loop = asyncio.get_running_loop()
-        poller = loop.create_task(self.metrics.poll_forever(engine_client))
-        self.shutdown = DrainingShutdown(engine_client, loop, poller)
+        every_interval = loop.create_task(self._every_interval(engine_client, store))
+        self.shutdown = DrainingShutdown(engine_client, loop, every_interval)
         if getattr(state, "serving_structured_decisions", "absent") is None:
             unmount(self.app, "/v1/systemone")  # vLLM answers 501 to every call for models it cannot read
         self.engine_client = engine_client

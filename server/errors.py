@@ -10,9 +10,11 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
+    431: "invalid_request_error",
     503: "service_unavailable",
 }
 

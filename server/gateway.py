@@ -19,6 +19,7 @@ It decides nothing about steering itself: the enforcement point does, for every 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -50,7 +51,7 @@ class APIGateway:
                  on_steering_error: Callable[[str], None] | None = None,
                  on_metrics_scrape: Callable[[], Awaitable[None]] | None = None,
                  unavailable: Callable[[], str | None] = lambda: None,
-                 take_capture: TakeFn | None = None):
+                 take_capture: TakeFn | None = None, body_timeout: float = 60.0):
         self.app = app
         self.router = router  # the FastAPI app's router: what each path is
         self.policy = policy
@@ -58,6 +59,7 @@ class APIGateway:
         self.take_capture = take_capture  # engine ids -> captured routing (server/capture.py)
         self.on_steering_error = on_steering_error  # (reason) -> None: metrics hook
         self.on_metrics_scrape = on_metrics_scrape  # refreshes routing counts before a scrape
+        self.body_timeout = body_timeout  # seconds a request has to send its whole body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -79,10 +81,10 @@ class APIGateway:
             self.policy.check(access, caller)
             mark_admin(scope, caller.is_admin)
             ctx, replay = RequestContext(bound=caller.bound, is_admin=caller.is_admin), receive
-            if scope["type"] == "http" and scope["method"] in BODY_METHODS \
-                    and (scope["method"], template) not in RAW_BODY_ROUTES:
-                body = await read_body(receive)
-                body, ctx = self.take_steering(body, scope, ctx, template)
+            if scope["type"] == "http" and scope["method"] in BODY_METHODS:
+                body = await read_body(receive, self.body_timeout)
+                if (scope["method"], template) not in RAW_BODY_ROUTES:
+                    body, ctx = self.take_steering(body, scope, ctx, template)
                 replay = replaying(body, receive)
         except APIError as err:
             if err.param == contract.REQUEST_FIELD and self.on_steering_error is not None:
@@ -192,7 +194,16 @@ def parse_json(body: bytes):
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-async def read_body(receive) -> bytes:
+async def read_body(receive, timeout: float = 60.0) -> bytes:
+    """The whole request body (at most MAX_BODY_BYTES), within `timeout` seconds: a client that
+    trickles its body (slow-loris) gets a 408 and its connection closed."""
+    try:
+        return await asyncio.wait_for(_read_chunks(receive), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
+
+
+async def _read_chunks(receive) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -226,5 +237,6 @@ async def refuse(scope, send, err: APIError) -> None:
         # before accept: the handshake is answered 403; the close code says why
         await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
         return
-    retry = [(b"retry-after", str(RETRY_AFTER_S).encode())] if err.status == 503 else []
-    await send_openai_error(send, err.status, err.message, param=err.param, code=err.code, headers=retry)
+    extra = {503: [(b"retry-after", str(RETRY_AFTER_S).encode())],
+             408: [(b"connection", b"close")]}.get(err.status, [])  # 408: the rest of the body is not read
+    await send_openai_error(send, err.status, err.message, param=err.param, code=err.code, headers=extra)

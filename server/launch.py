@@ -48,6 +48,12 @@ async def serve(args) -> None:
     from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client
     from vllm.entrypoints.launchers.launcher import setup_server
 
+    from unipool_serve.model_executor.settings import ServerSettings
+
+    from .http_protocol import guarded_protocol
+
+    settings = ServerSettings.from_env()
+
     def interrupt(*_):
         raise KeyboardInterrupt("terminated while loading")
 
@@ -62,7 +68,8 @@ async def serve(args) -> None:
         async with build_async_engine_client(args) as engine_client:
             placeholder.should_exit = True
             await asyncio.to_thread(thread.join)
-            shutdown_task = await build_and_serve(engine_client, listen_address, sock, args)
+            shutdown_task = await build_and_serve(engine_client, listen_address, sock, args,
+                                                  http=guarded_protocol(settings.header_timeout, settings.send_timeout))
         await shutdown_task
     finally:
         placeholder.should_exit = True

@@ -22,6 +22,8 @@ Exported (see deploy/observability/metric_names.txt):
   unipool_pool_active_experts_ratio{pool}    gauge    share of the pool's experts that got any token
   unipool_steering_requests_total{profile}   counter  requests admitted, by profile ("none" = unsteered)
   unipool_steering_errors_total{reason}      counter  requests rejected for steering reasons
+  unipool_steering_rows_in_use               gauge    engine steering rows held (loaded profiles, and deleted
+                                                      ones until their last request ends)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from prometheus_client import Counter
@@ -43,7 +46,7 @@ class PoolMetrics:
     """Holds the latest routing snapshot and exposes it as a Prometheus collector."""
 
     def __init__(self, registry, layer_to_pool: list[int | None], num_experts: int, interval: float,
-                 max_expert_series: int = 2048):
+                 max_expert_series: int = 2048, rows_in_use: Callable[[], int] = lambda: 0):
         self.layer_to_pool = layer_to_pool  # None: a layer without experts
         self.num_experts = num_experts
         pools = {p for p in layer_to_pool if p is not None}
@@ -53,6 +56,7 @@ class PoolMetrics:
                         "UNIPOOL_METRICS_MAX_EXPERT_SERIES=%d (per-layer gauges are)", len(pools), num_experts,
                         max_expert_series)
         self.interval = interval
+        self.rows_in_use = rows_in_use
         self.baseline: torch.Tensor | None = None  # [L, E] counts before serving started
         self.total = torch.zeros(len(layer_to_pool), num_experts, dtype=torch.int64)  # since serving started
         self.interval_start: torch.Tensor | None = None  # self.total when the last interval began
@@ -67,15 +71,6 @@ class PoolMetrics:
         registry.register(self)
 
     # ---- reading the engine -------------------------------------------------
-    async def poll_forever(self, engine_client) -> None:
-        """Every `interval` seconds: refresh the counts and the per-interval gauges."""
-        while True:
-            try:
-                self.update_gauges(await self.refresh(engine_client))
-            except Exception:  # noqa: BLE001 - metrics must never take the server down
-                logger.exception("reading routing statistics failed")
-            await asyncio.sleep(self.interval)
-
     async def refresh(self, engine_client) -> torch.Tensor:
         """Read the engine's cumulative counts; returns (and keeps) the total since serving started."""
         async with self._reading:
@@ -123,6 +118,10 @@ class PoolMetrics:
             for expert, value in enumerate(row.tolist()):
                 tokens.add_metric([str(pool), str(expert)], value)
         yield tokens
+        rows = GaugeMetricFamily("unipool_steering_rows_in_use", "Engine steering rows held: loaded profiles, and "
+                                 "deleted ones until their last request ends")
+        rows.add_metric([], self.rows_in_use())
+        yield rows
         for name, doc, values, label in (
             ("unipool_layer_load_imbalance_ratio", "Max/mean expert share in the last interval", self.layer_imbalance, "layer"),
             ("unipool_layer_routing_entropy_bits", "Entropy of the expert shares in the last interval", self.layer_entropy, "layer"),

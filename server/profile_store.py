@@ -135,11 +135,19 @@ class ProfileStore:
             await self.push(active.slot, None)
         return running
 
-    async def _free_slot(self) -> int:
+    async def release_finished(self) -> None:
+        """Clear the rows of deleted or replaced profiles that no running request uses any more."""
         for active in [a for a in self.retiring if not self.running(a)]:
             self.retiring.remove(active)
             if self.push is not None:
                 await self.push(active.slot, None)
+
+    def rows_in_use(self) -> int:
+        """Engine rows held: by the loaded profiles, and by deleted ones still running requests."""
+        return len(self.by_name) + len(self.retiring)
+
+    async def _free_slot(self) -> int:
+        await self.release_finished()
         used = {a.slot for a in self.by_name.values()} | {a.slot for a in self.retiring}
         for slot in range(1, self.max_profiles + 1):
             if slot not in used:

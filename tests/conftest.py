@@ -44,6 +44,9 @@ def pytest_addoption(parser):
     group = parser.getgroup("unipool reliability")
     group.addoption("--reliability-full", action="store_true",
                     help="tests/reliability at full size (minutes of load, >= 1,000 fuzz cases per generation route)")
+    group.addoption("--soak", type=float, metavar="MINUTES",
+                    help="tests/reliability/test_soak.py for MINUTES of mixed load with profile churn, and its memory "
+                         "bound (without it: a short run that checks errors and steering rows only)")
     group.addoption("--reliability-report", metavar="PATH",
                     help="write what each reliability test held (requests, errors, leaks) as JSON to PATH")
     group = parser.getgroup("unipool image")

@@ -44,10 +44,18 @@ def pytest_sessionfinish(session, exitstatus):
     print(f"\nreliability ({mode}):\n" + "\n".join(lines))
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_factory, tmp_path_factory):
+@pytest.fixture(scope="session")
+def reliability_model(tiny_model_factory):
     # A tokenizer that spells every byte, as in production: with an ASCII-only one, a structured-output
     # grammar that requires "é" leaves no token to sample, and vLLM 0.32 ends the request with a 500.
-    model = tiny_model_factory("reliability-model", seed=1, every_byte_tokenizer=True)
-    with start(tmp_path_factory, model, ["--enable-prefix-caching", "--max-num-seqs", "128"]) as s:
+    return tiny_model_factory("reliability-model", seed=1, every_byte_tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def server(reliability_model, tmp_path_factory):
+    model = reliability_model
+    # deadlines against slow clients shorter than the defaults, so tests/reliability/test_slow_clients.py
+    # sees them act (the load tests' clients send and read at once)
+    deadlines = ["--header-timeout", "5", "--body-timeout", "5", "--send-timeout", "20"]
+    with start(tmp_path_factory, model, ["--enable-prefix-caching", "--max-num-seqs", "128", *deadlines]) as s:
         yield s
