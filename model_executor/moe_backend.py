@@ -18,7 +18,9 @@ the Triton kernel and pool_moe skip them themselves; vLLM's `fused_experts` gets
 map sending E to -1 (its "not on this rank" id); `cpu_fused_moe` has no such id, so a step
 with dropped slots runs only the kept (token, slot) pairs, one row each with top-k 1, and
 adds the rows back per token (`unipool::cpu_pool_moe`, an opaque custom op: its shapes
-depend on the routing).
+depend on the routing). Whether a step has dropped slots is looked at only where one can
+have them (`may_drop`: the routers read the steering tables, which hold the budgets), so a
+step nobody steers reads nothing back per layer.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ class MoEBackend(Protocol):
         """Once, after loading: repack the pool's weights for the kernel (sets pool.packed_by)."""
 
     def __call__(self, hidden: torch.Tensor, pool: ExpertPool, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H], ids/weights [T, k] -> [T, H] (this rank's slice of the expert width)."""
+                 topk_weights: torch.Tensor, may_drop: bool = True) -> torch.Tensor:
+        """hidden [T, H], ids/weights [T, k] -> [T, H] (this rank's slice of the expert width);
+        may_drop: some id may be E (a dropped slot)."""
 
 
 @torch.library.custom_op("unipool::pool_moe", mutates_args=())
@@ -75,19 +78,19 @@ class TorchBackend:
     def prepare(self, pool: ExpertPool) -> None:
         pool.packed_by = self.name
 
-    def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights) -> torch.Tensor:
+    def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights, may_drop: bool = True) -> torch.Tensor:
         return torch.ops.unipool.pool_moe(hidden, pool.gate_up_proj, pool.down_proj, topk_ids, topk_weights)
 
 
 @torch.library.custom_op("unipool::cpu_pool_moe", mutates_args=())
 def _cpu_pool_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                     topk_ids: torch.Tensor, topk_weights: torch.Tensor, isa: str) -> torch.Tensor:
+                     topk_ids: torch.Tensor, topk_weights: torch.Tensor, isa: str, may_drop: bool) -> torch.Tensor:
     from vllm._custom_ops import cpu_fused_moe
 
     num_experts = w_gate_up.shape[0]  # prepacked pools keep the expert dimension first
     hidden = hidden.contiguous()
-    dropped = topk_ids >= num_experts  # [T, k]
-    if bool(dropped.any()):
+    dropped = topk_ids >= num_experts if may_drop else None  # [T, k]
+    if dropped is not None and bool(dropped.any()):
         tokens, slots = (~dropped).nonzero(as_tuple=True)  # [S_kept] each
         rows = hidden[tokens]  # [S_kept, H]: one row per kept (token, slot), top-k 1
         partial = torch.empty_like(rows)
@@ -102,7 +105,7 @@ def _cpu_pool_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torc
 
 
 @_cpu_pool_moe_op.register_fake
-def _(hidden, w_gate_up, w_down, topk_ids, topk_weights, isa):
+def _(hidden, w_gate_up, w_down, topk_ids, topk_weights, isa, may_drop):
     return torch.empty_like(hidden)
 
 
@@ -125,9 +128,9 @@ class CpuBackend:
             param.data = cpu_prepack_moe_weight(param.data.contiguous(), self.isa)
         pool.packed_by = f"{self.name}:{self.isa}"
 
-    def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights) -> torch.Tensor:
+    def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights, may_drop: bool = True) -> torch.Tensor:
         return torch.ops.unipool.cpu_pool_moe(hidden, pool.gate_up_proj, pool.down_proj, topk_ids, topk_weights,
-                                              self.isa)
+                                              self.isa, may_drop)
 
 
 def _fused_route(*args, **kwargs):
@@ -145,7 +148,7 @@ class VllmTritonBackend:
     def prepare(self, pool: ExpertPool) -> None:
         pool.packed_by = self.name
 
-    def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights) -> torch.Tensor:
+    def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights, may_drop: bool = True) -> torch.Tensor:
         from vllm.model_executor.layers.fused_moe import fused_experts
 
         num_experts = pool.num_experts
@@ -168,7 +171,7 @@ class TritonBackend(VllmTritonBackend):
         if (folder := setting("UNIPOOL_MOE_CONFIG_DIR")) is not None:
             launch_config.use_config_dir(folder)
 
-    def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights) -> torch.Tensor:
+    def __call__(self, hidden, pool: ExpertPool, topk_ids, topk_weights, may_drop: bool = True) -> torch.Tensor:
         return self._kernel(hidden, pool.gate_up_proj, pool.down_proj, topk_ids, topk_weights)
 
 

@@ -50,6 +50,7 @@ from .router import PoolRouter
 from .routing_capture import RoutingCapture
 from .routing_counts import RoutingCounts
 from .settings import setting
+from .steering.idle_steps import IdleSteps
 from .steering.table import SteeringTable, max_step_tokens
 
 
@@ -150,7 +151,8 @@ class UniPoolMoE(nn.Module):
         topk_ids, topk_weights = self.router.route(logits, self.layer_idx, steering)  # [T, k]
         self.routing_counts.record(self.layer_idx, topk_ids)
         self.routing_capture.record(self.layer_idx, topk_ids, logits)
-        out = self.backend(hidden_states, self.pool, topk_ids, topk_weights)  # [T, H], this rank's F slice
+        # [T, H], this rank's F slice; slots are dropped (id E) only by budgets, which only the tables hold
+        out = self.backend(hidden_states, self.pool, topk_ids, topk_weights, may_drop=steering is not None)
         if self.shared_expert is not None:
             out = out + self.shared_expert(hidden_states)
         if self.tp_size > 1:
@@ -253,7 +255,8 @@ class UniPoolModel(nn.Module):
 
 
 class UniPoolForCausalLM(nn.Module, SupportsPP):
-    """vLLM entry class. Steering seam: `self.steering` (steering/table.py); statistics: `self.routing_counts`."""
+    """vLLM entry class. Steering seam: `self.steering` (steering/table.py), read only by steps that need it
+    (steering/idle_steps.py); statistics: `self.routing_counts`."""
 
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
@@ -262,6 +265,7 @@ class UniPoolForCausalLM(nn.Module, SupportsPP):
         config: UniPoolConfig = vllm_config.model_config.hf_config
         self.config = config
         self.model = UniPoolModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.idle_steps = IdleSteps(self.model, self.model.steering, vllm_config)  # what a step nobody steers runs
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
             if config.tie_word_embeddings:
@@ -294,7 +298,7 @@ class UniPoolForCausalLM(nn.Module, SupportsPP):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor | IntermediateTensors:
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        return self.idle_steps(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

@@ -16,6 +16,8 @@ vLLM's model code and its fused MoE kernels stay in charge; two seams per MoE la
                       steered tokens' selection with kernels/routing_reference.grouped_select.
                       Unsteered tokens keep vLLM's own selection, bit for bit.
 
+Both read the table's view, which is empty while a step nobody steers runs: such steps run
+the model's decoder stack compiled a second time without them (steering/idle_steps.py).
 Installed only by the steering worker (SteeringWorker.load_model), so an engine without that
 worker serves exactly as vLLM does. Not covered: monolithic MoE kernels that take the logits
 and never call the router (some quantised GPU paths: the logit transform still applies, the
@@ -35,6 +37,7 @@ from unipool_serve.kernels.routing_reference import grouped_select, steer_router
 from ..routing_counts import RoutingCounts
 from ..settings import setting
 from .families import Family, family_of
+from .idle_steps import IdleSteps
 from .shape import SteerableModel
 from .table import SteeringTable
 
@@ -129,6 +132,8 @@ def attach(model: torch.nn.Module, vllm_config) -> Family:
                            "are steered, but routing counts, routed budgets and grouped selection do not apply",
                            layer_index)
         hooked += 1
+    # steps nobody steers run the decoder stack compiled without the hooks' steering (idle_steps.py)
+    model.idle_steps = IdleSteps.route_calls_of(model.model, model.steering, vllm_config)
     logger.info("steering %s: %d MoE layers hooked (router kind %s, dense layers %s)", shape.architecture, hooked,
                 shape.router_kind, list(shape.dense_layers))
     return family

@@ -15,7 +15,11 @@ a row arrives as {table: [L][E] values} and a new table is one more key at both 
 
 The table also records which profile content each row holds (`digests`, see
 contract.digest), so a request admitted with a row that has since been rewritten is never
-steered with another profile's content. Whoever fills the index must write (at least) the
+steered with another profile's content, and whether the current step reads the tables at
+all (`step_reads`: some token of it has a row or a budget). A step that does not runs a
+variant of the model whose routers never read the tables (steering/idle_steps.py: the idle
+seam then costs nothing); `reading` is off while that variant runs (or is traced), and
+`view()` then gives the routers nothing to read. Whoever fills the index must write (at least) the
 first num_tokens entries of both per-token buffers every step: they persist between steps
 and warm-up runs.
 Nothing here is specific to one model family: any MoE model's routers can read a table.
@@ -23,6 +27,7 @@ Nothing here is specific to one model family: any MoE model's routers can read a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -66,6 +71,8 @@ class SteeringTable(nn.Module):
         for table, dtype in ROW_DTYPES.items():
             self.register_buffer(table, torch.zeros(shape, dtype=dtype), persistent=False)
         self.digests: dict[int, str] = {}  # row -> digest of the profile it holds
+        self.step_reads = False  # does this step's index hold a row or a budget? (set with the index)
+        self.reading = True  # off while the unsteered variant of the model runs or is traced
 
     @classmethod
     def for_model(cls, vllm_config, num_layers: int, num_experts: int, top_k: int) -> SteeringTable:
@@ -74,10 +81,19 @@ class SteeringTable(nn.Module):
                    top_k, setting("UNIPOOL_STEERING"))
 
     def view(self, num_tokens: int) -> SteeringView | None:
-        """What the routers of this step read (None when steering is built off)."""
-        if not self.enabled:
+        """What the routers of this step read (None: steering is built off, or this is the unsteered variant)."""
+        if not (self.enabled and self.reading):
             return None
         return SteeringView(self.index[:num_tokens], self.bias, self.mask, self.budget[:num_tokens])
+
+    @contextlib.contextmanager
+    def unread(self):
+        """Routers read nothing in this block (the unsteered variant of the model runs, or is traced)."""
+        self.reading = False
+        try:
+            yield
+        finally:
+            self.reading = True
 
     # ---- rows (written by the worker's RPCs) ----------------------------------
     def _check_slot(self, slot: int) -> None:
@@ -106,7 +122,11 @@ class SteeringTable(nn.Module):
     # ---- the step's index ---------------------------------------------------
     def fill_index(self, num_tokens: int, rows: np.ndarray | None, budgets: np.ndarray | None = None) -> None:
         """Reset the step's first num_tokens entries (no row, full k: padding and stale values),
-        then write each token's row and budget (None: none this step)."""
+        then write each token's row and budget (None: none this step). A step with neither
+        reads no table, so its index is left as it is."""
+        self.step_reads = self.enabled and (rows is not None or budgets is not None)
+        if not self.step_reads:
+            return
         self.index[:num_tokens].zero_()
         self.budget[:num_tokens].fill_(self.top_k)
         for buffer, per_token in ((self.index, rows), (self.budget, budgets)):

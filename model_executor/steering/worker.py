@@ -14,7 +14,9 @@ step (steering/table.py):
                    has not been executed here (docs/vllm-plugin.md).
 
 Dummy and warm-up runs bypass both hooks and see whatever the index held: every hooked
-step zeroes the slice it uses first, and the worker zeroes the index after warm-up.
+step that reads the tables zeroes the slice it uses first, and the worker zeroes the index
+after warm-up. The warm-up runs each dummy step twice, as a steered and as an idle step, so
+that both compiled variants of our own model exist before it serves (vllm_model.py).
 
 A request is steered only when its reserved extra_args carry a row signed by the API
 process's enforcement point and that row still holds the signed digest
@@ -31,6 +33,7 @@ at its routers, from steering/family_hooks.py when it loads (no routing capture 
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 from collections.abc import Hashable
@@ -206,8 +209,40 @@ class SteeringWorker(_PlatformWorker):
         else:
             raise RuntimeError(f"unipool steering cannot hook this vLLM model runner ({type(runner).__name__})")
 
+    def determine_available_memory(self, *args, **kwargs):
+        with self._warm_up_both_variants():  # the CPU worker compiles (warms up) the model here
+            return super().determine_available_memory(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _warm_up_both_variants(self):
+        """Every dummy run of the warm-up runs twice: once as a steered step, once as an idle one, so
+        that a model with an unsteered variant (steering/idle_steps.py) has both compiled
+        (and, where vLLM captures CUDA graphs, captured) before it serves; otherwise the first steered
+        request would wait for a compilation."""
+        runner, table = self.model_runner, self._table()
+        idle_steps = getattr(runner.get_model(), "idle_steps", None)
+        if idle_steps is None or idle_steps.variant is None:
+            yield
+            return
+        dummy_run = runner._dummy_run
+
+        def both_variants(*args, **kwargs):
+            table.step_reads = True
+            try:
+                dummy_run(*args, **kwargs)
+            finally:
+                table.step_reads = False
+            return dummy_run(*args, **kwargs)
+
+        runner._dummy_run = both_variants  # instance attribute over the class's method
+        try:
+            yield
+        finally:
+            del runner._dummy_run
+
     def compile_or_warm_up_model(self, *args, **kwargs):
-        result = super().compile_or_warm_up_model(*args, **kwargs)
+        with self._warm_up_both_variants():
+            result = super().compile_or_warm_up_model(*args, **kwargs)
         self._table().index.zero_()
         runner = self.model_runner
         # vLLM's CPU worker skips the dummy run when eager with an explicit KV-cache size, and
