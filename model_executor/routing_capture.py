@@ -1,11 +1,14 @@
 """Per-request routing capture: the experts (and router logits) each token of a request was routed with.
 
-Device side, `RoutingCapture`: every step, each layer copies its routing decision
-(`topk_ids` after steering and budgets; dropped slots hold id E) and, when logits are
-captured, its raw router logits (fp16) into persistent buffers, [L, max_tokens, k] and
-[L, max_tokens, E]: one small copy per layer, the same ops every step (compiled graphs keep
-them). Off with UNIPOOL_ROUTING_CAPTURE=0 (then no buffer exists and capture requests are
-refused at the API).
+Device side, `RoutingCapture`: every step, each MoE layer copies its routing decision
+(`topk_ids` after steering and budgets; dropped slots hold id E) and its raw router logits
+(fp16, before steering) into persistent buffers, [R, max_tokens, k] and [R, max_tokens, E]:
+one small copy per layer, the same ops every step (compiled graphs keep them). Row r holds
+decoder layer `layers[r]`: every layer of a UniPool model, the MoE layers of one of vLLM's
+families (layers without experts have no row). Our own model records both at once
+(`record`); a family's gate hook records the logits and its router tap the ids
+(steering/family_hooks.py). Off with UNIPOOL_ROUTING_CAPTURE=0 (then no buffer exists and
+capture requests are refused at the API).
 
 Host side, `CapturedRequests` (in the worker): after a step's forward, the rows of the
 requests that asked are copied out by token position (`positions` of the step), so a
@@ -29,19 +32,27 @@ from .steering.contract import CAPTURE_EXPERTS, CAPTURE_LOGITS
 class RoutingCapture(nn.Module):
     """Persistent per-layer buffers of the step's routing (see the module doc)."""
 
-    def __init__(self, max_tokens: int, num_layers: int, num_experts: int, top_k: int, enabled: bool = True):
+    def __init__(self, max_tokens: int, num_layers: int, num_experts: int, top_k: int, enabled: bool = True,
+                 layers: tuple[int, ...] | None = None):
         super().__init__()
         self.enabled = enabled
-        shape = (num_layers, max_tokens if enabled else 0)
+        self.layers = tuple(range(num_layers)) if layers is None else tuple(layers)  # row -> decoder layer
+        shape = (len(self.layers), max_tokens if enabled else 0)
         self.register_buffer("ids", torch.zeros(*shape, top_k, dtype=torch.int32), persistent=False)
         self.register_buffer("logits", torch.zeros(*shape, num_experts, dtype=torch.float16), persistent=False)
 
-    def record(self, layer: int, topk_ids: torch.Tensor, logits: torch.Tensor) -> None:
+    def record(self, row: int, topk_ids: torch.Tensor, logits: torch.Tensor) -> None:
         """Keep one layer's decision of this step (topk_ids [T, k], logits [T, E])."""
+        self.record_ids(row, topk_ids)
+        self.record_logits(row, logits)
+
+    def record_ids(self, row: int, topk_ids: torch.Tensor) -> None:
         if self.enabled:
-            num_tokens = topk_ids.shape[0]
-            self.ids[layer, :num_tokens].copy_(topk_ids)
-            self.logits[layer, :num_tokens].copy_(logits)
+            self.ids[row, :topk_ids.shape[0]].copy_(topk_ids)
+
+    def record_logits(self, row: int, logits: torch.Tensor) -> None:
+        if self.enabled:
+            self.logits[row, :logits.shape[0]].copy_(logits)
 
 
 def _npy(array: np.ndarray) -> bytes:

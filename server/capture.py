@@ -8,11 +8,15 @@ and/or `"return_router_logits": true` (one prompt per request) gets, in every ch
                   the experts each token was routed to, steering and expert budget applied
                   (a slot dropped by a budget holds the pool size E);
   router_logits   base64 of an `np.save`d float16 array [tokens, layers, experts], the raw
-                  router logits (before steering).
+                  router logits (before steering);
+  routed_experts_layers  the decoder layer index of each `layers` row: every layer of a UniPool
+                  model; the MoE layers of one of vLLM's families (layers without experts have
+                  no row, unlike vLLM's own field, which keeps them as rows of zeros).
 
 `tokens` are the positions the model computed, the prompt and the output but the last token
 (which is never fed back), from `routed_experts_prompt_start` on (vLLM's request field). A
-pool model reports pool expert ids; every layer is an MoE layer.
+pool model reports pool expert ids. A family's ids are vLLM's slot order (its CPU router's
+top-k is unsorted): sort a row if order matters.
 
 Non-streaming: the fields are added to each choice of the JSON body. Streaming: the chunk
 that carries a choice's `finish_reason` carries them; it is held back and sent once the
@@ -29,16 +33,19 @@ from collections.abc import Awaitable, Callable
 
 from .enforcement import RequestContext
 
-TakeFn = Callable[[list[str]], Awaitable[dict[str, tuple[bytes | None, bytes | None]]]]
+# engine request ids -> ({engine id: (experts .npy, logits .npy)}, the decoder layer of each row)
+TakeFn = Callable[[list[str]], Awaitable[tuple[dict[str, tuple[bytes | None, bytes | None]], list[int]]]]
 
 
-def _fields(encoded: tuple[bytes | None, bytes | None] | None) -> dict:
+def _fields(encoded: tuple[bytes | None, bytes | None] | None, layers: list[int]) -> dict:
     experts, logits = encoded or (None, None)
     out = {}
     if experts is not None:
         out["routed_experts"] = base64.b64encode(experts).decode("ascii")
     if logits is not None:
         out["router_logits"] = base64.b64encode(logits).decode("ascii")
+    if out:
+        out["routed_experts_layers"] = layers
     return out
 
 
@@ -57,8 +64,8 @@ class CaptureResponse:
     async def _by_choice(self) -> dict[int, dict]:
         if self.taken is None:
             by_choice = {index: engine_id for (_, index), engine_id in self.ctx.captured.items()}
-            encoded = await self.take(list(by_choice.values())) if by_choice else {}
-            self.taken = {index: _fields(encoded.get(engine_id)) for index, engine_id in by_choice.items()}
+            encoded, layers = await self.take(list(by_choice.values())) if by_choice else ({}, [])
+            self.taken = {index: _fields(encoded.get(engine_id), layers) for index, engine_id in by_choice.items()}
         return self.taken
 
     async def __call__(self, message) -> None:

@@ -47,6 +47,7 @@ class UniPoolEndpointPlugin:
         self.policy = AccessPolicy.parse(self.settings.api_keys, self.settings.admin_key)
         self.metrics = None
         self.engine_client = None
+        self.capture_layers: list[int] | None = None  # decoder layer of each captured row (None: no capture)
         self.app = None
         self.shutdown: DrainingShutdown | None = None  # wraps vLLM's engine shutdown once serving
 
@@ -69,10 +70,11 @@ class UniPoolEndpointPlugin:
             return "the engine has stopped; this server cannot serve requests"
         return None
 
-    async def _take_capture(self, engine_ids: list[str]) -> dict:
-        """The captured routing of finished requests, from the first worker (TP ranks route alike)."""
+    async def _take_capture(self, engine_ids: list[str]) -> tuple[dict, list[int]]:
+        """The captured routing of finished requests, from the first worker (TP ranks route alike), and the
+        decoder layer of each of its rows."""
         results = await self.engine_client.collective_rpc(contract.RPC_TAKE_CAPTURE, args=(engine_ids,))
-        return results[0] if results else {}
+        return (results[0] if results else {}), list(self.capture_layers or ())
 
     def _count_request(self, profile: str | None) -> None:
         if self.metrics is not None:
@@ -130,16 +132,18 @@ class UniPoolEndpointPlugin:
             raise RuntimeError(f"unipool_api: API keys are bound to steering profile(s) {missing}, which are not "
                                f"loaded from {self.settings.steering_dir}: refusing to serve them unsteered")
         parallel = engine_client.vllm_config.parallel_config
+        self.capture_layers = (await engine_client.collective_rpc(contract.RPC_CAPTURE_LAYERS))[0]
         capture_refused = None
         if parallel.pipeline_parallel_size > 1:
             capture_refused = "routing capture is not served with pipeline parallelism (each stage sees its own layers)"
         elif not setting("UNIPOOL_ROUTING_CAPTURE"):
             capture_refused = "routing capture is off on this server (UNIPOOL_ROUTING_CAPTURE=0)"
-        elif not model.is_unipool:
-            capture_refused = "routing capture is served for UniPool models only"
+        elif self.capture_layers is None:
+            capture_refused = ("routing capture is not available for this model: vLLM runs its MoE layers with a "
+                               "kernel that never hands the routing out (see the server log)")
         SteeringEnforcer(store, secret, on_admit=self._count_request, on_refuse=self._count_error,
-                         max_capture_bytes=self.settings.max_capture_bytes,
-                         capture_refused=capture_refused).install(engine_client)
+                         max_capture_bytes=self.settings.max_capture_bytes, capture_refused=capture_refused,
+                         capture_rows=len(self.capture_layers or ())).install(engine_client)
         self.metrics = PoolMetrics(get_prometheus_registry(), list(model.layer_to_pool), model.num_experts,
                                    self.settings.metrics_interval, setting("UNIPOOL_METRICS_MAX_EXPERT_SERIES"),
                                    rows_in_use=store.rows_in_use)

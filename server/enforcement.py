@@ -101,11 +101,12 @@ class SteeringEnforcer:
 
     def __init__(self, store: ProfileStore, secret: bytes, on_admit: Callable[[str | None], None] | None = None,
                  on_refuse: Callable[[str], None] | None = None, max_capture_bytes: int = 64 << 20,
-                 capture_refused: str | None = None):
+                 capture_refused: str | None = None, capture_rows: int | None = None):
         self.store, self.secret = store, secret
         self.on_admit, self.on_refuse = on_admit, on_refuse
         self.max_capture_bytes = max_capture_bytes
         self.capture_refused = capture_refused  # why this engine cannot capture routing (None: it can)
+        self.capture_rows = capture_rows  # layers a capture holds (the MoE layers; None: every layer)
 
     def install(self, engine_client) -> None:
         """Wrap `engine_client.engine_core.add_request_async` (engine_client: vLLM's AsyncLLM)."""
@@ -172,7 +173,8 @@ class SteeringEnforcer:
         model = SteerableModel.of(self.store.config)
         if ctx.capture & contract.CAPTURE_LOGITS:
             tokens = len(request.prompt_token_ids or ()) + (params.max_tokens or 0) - 1
-            size = max(tokens, 0) * model.num_layers * model.num_experts * 2  # float16
+            rows = model.num_layers - len(model.dense_layers) if self.capture_rows is None else self.capture_rows
+            size = max(tokens, 0) * rows * model.num_experts * 2  # float16
             if size > self.max_capture_bytes:
                 raise SteeringRefused(400, f"return_router_logits would capture {size} bytes for this request "
                                       f"(prompt + max_tokens); the server's limit is {self.max_capture_bytes} bytes "

@@ -21,6 +21,7 @@ Worker RPCs (`collective_rpc`), all authenticated by the same secret where they 
   RPC_ROUTING_STATS()                         cumulative [L, E] routing counts
   RPC_STEERING_ROWS()                         {slot: digest} (tests, debugging)
   RPC_TAKE_CAPTURE(request_ids)               captured routing of finished requests
+  RPC_CAPTURE_LAYERS()                        the decoder layer of each captured row (None: no capture)
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ RPC_SET_PROFILE = "unipool_set_profile"
 RPC_ROUTING_STATS = "unipool_routing_stats"
 RPC_STEERING_ROWS = "unipool_steering_rows"
 RPC_TAKE_CAPTURE = "unipool_take_capture"
-RPC_NAMES = (RPC_SET_SECRET, RPC_SET_PROFILE, RPC_ROUTING_STATS, RPC_STEERING_ROWS, RPC_TAKE_CAPTURE)
+RPC_CAPTURE_LAYERS = "unipool_capture_layers"
+RPC_NAMES = (RPC_SET_SECRET, RPC_SET_PROFILE, RPC_ROUTING_STATS, RPC_STEERING_ROWS, RPC_TAKE_CAPTURE,
+             RPC_CAPTURE_LAYERS)
 
 DIGEST_CHARS = 16  # of a profile's sha256 content hash: what the engine compares rows by
 SALT_PREFIX = "unipool-"

@@ -27,8 +27,8 @@ The model exposes the attributes this worker reads: `steering` (a SteeringTable)
 `routing_counts` (a RoutingCounts) and, for per-request routing capture,
 `routing_capture` (a RoutingCapture; the V1 hook copies the capturing requests' rows out
 after each forward, model_executor/routing_capture.py; the V2 hook does not capture). Our
-own model builds them; a model of one of vLLM's MoE families gets the first two, and steering
-at its routers, from steering/family_hooks.py when it loads (no routing capture there).
+own model builds them; a model of one of vLLM's MoE families gets all three, and steering at
+its routers, from steering/family_hooks.py when it loads.
 """
 
 from __future__ import annotations
@@ -278,6 +278,11 @@ class SteeringWorker(_PlatformWorker):
     def unipool_routing_stats(self):
         """Cumulative token-slots per (layer, expert) as nested lists, [L, E]."""
         return self.model_runner.get_model().routing_counts.counts.cpu().tolist()
+
+    def unipool_capture_layers(self):
+        """The decoder layer of each row of a routing capture, or None when this engine cannot capture."""
+        capture = getattr(self.model_runner.get_model(), "routing_capture", None)
+        return list(capture.layers) if capture is not None and capture.enabled else None
 
     def unipool_take_capture(self, request_ids: list[str]):
         """{request id: (experts .npy bytes or None, logits .npy bytes or None)}, forgotten afterwards."""

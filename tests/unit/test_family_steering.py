@@ -193,6 +193,40 @@ def test_gate_hook_and_router_tap_on_stand_ins():
     assert counts.counts[1].sum() == (T - T // 2) * K and counts.counts[0].sum() == 0  # dropped slots are not counted
 
 
+class _UnsortedRouter:
+    """Like vLLM's CPU router: its top-k comes back in no particular slot order."""
+
+    top_k, renormalize = 4, True
+
+    def select_experts(self, hidden_states, router_logits, topk_indices_dtype=None, **kwargs):
+        weights, ids = torch.softmax(router_logits, -1).topk(4, dim=-1)
+        return weights.flip(-1), ids.flip(-1).to(torch.int32)  # the lightest slot first
+
+
+def test_hooks_capture_raw_logits_and_the_routing_used_and_budgets_keep_the_heaviest_slots():
+    from unipool_serve.model_executor.routing_capture import RoutingCapture
+
+    logits, bias, _ = _rows(seed=4)
+    table = SteeringTable(T, 2, E, 2, top_k=4)
+    table.set_row(1, {"bias": torch.stack([torch.zeros(E), bias[0]]), "mask": torch.zeros(2, E, dtype=torch.int8)},
+                  "d1")
+    table.index[:2] = 1  # two steered tokens
+    table.budget[:T] = 2  # every token keeps 2 of its 4 experts
+    capture = RoutingCapture(T, 1, E, 4, layers=(1,))  # layer 1's row is row 0
+    gate, router, counts = _Gate(logits), _UnsortedRouter(), RoutingCounts(2, E)
+    gate.register_forward_hook(GateHook(table, layer=1, capture=capture, row=0))
+    RouterTap(router, table, counts, layer=1, grouped=False, capture=capture, row=0)
+    steered, _ = gate(None)
+    weights, ids = router.select_experts(None, steered)
+    assert torch.equal(capture.logits[0, :T], logits.half())  # raw: before steering
+    best_two = torch.softmax(steered, -1).topk(2, dim=-1).indices.sort(-1).values
+    kept = capture.ids[0, :T]
+    assert ((kept == E).sum(-1) == 2).all()  # two slots dropped per token, recorded as E
+    assert torch.equal(kept[kept != E].view(T, 2).sort(-1).values, best_two.to(torch.int32))  # the heaviest two
+    assert ((weights > 0).sum(-1) == 2).all() and torch.allclose(weights.sum(-1), torch.ones(T))
+    assert capture.layers == (1,) and counts.counts[1].sum() == T * 2
+
+
 def test_pool_metrics_skip_dense_layers_and_cap_expert_series():
     from prometheus_client import CollectorRegistry
 
