@@ -70,6 +70,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("UNIPOOL_STEERING", _flag, "1",
             "0 builds routers that never read the steering tables (engines that never steer)"),
     Setting("UNIPOOL_MAX_STEERING_PROFILES", _count, "16", "rows of the engine's steering tables"),
+    Setting("UNIPOOL_MAX_PROBES", _count, "16", "rows of the engine's probe table (routing probes loaded at once)"),
     Setting("UNIPOOL_ROUTING_STATS", _flag, "1", "0 turns off the per-layer, per-expert routing counts"),
     Setting("UNIPOOL_ROUTING_CAPTURE", _flag, "1",
             "0 builds models without the per-request routing capture buffers (capture requests are refused)"),
@@ -78,6 +79,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("UNIPOOL_API_KEYS", _words, "", "comma-separated KEY or KEY=PROFILE (binds a mandatory profile)"),
     Setting("UNIPOOL_ADMIN_KEY", str.strip, "", "key allowed to upload and delete profiles, and admin routes"),
     Setting("UNIPOOL_STEERING_DIR", _folder, "", "folder of <name>.safetensors profiles loaded at start"),
+    Setting("UNIPOOL_PROBE_DIR", _folder, "", "folder of <name>.safetensors routing probes loaded at start"),
     Setting("UNIPOOL_METRICS_INTERVAL", _seconds, "5", "seconds between the per-interval routing gauges"),
     Setting("UNIPOOL_METRICS_MAX_EXPERT_SERIES", _count, "2048",
             "largest pools x experts for which unipool_expert_tokens_total is exported (per-layer gauges always are)"),
@@ -122,6 +124,7 @@ class ServerSettings:
     api_keys: list[str] = field(default_factory=list)
     admin_key: str = ""
     steering_dir: Path | None = None
+    probe_dir: Path | None = None
     metrics_interval: float = 5.0
     public_profile_details: bool = False
     max_capture_bytes: int = 64 << 20
@@ -130,6 +133,7 @@ class ServerSettings:
     send_timeout: float = 60.0
 
     _ENV = {"api_keys": "UNIPOOL_API_KEYS", "admin_key": "UNIPOOL_ADMIN_KEY", "steering_dir": "UNIPOOL_STEERING_DIR",
+            "probe_dir": "UNIPOOL_PROBE_DIR",
             "metrics_interval": "UNIPOOL_METRICS_INTERVAL", "public_profile_details": "UNIPOOL_PUBLIC_PROFILE_DETAILS",
             "max_capture_bytes": "UNIPOOL_MAX_CAPTURE_BYTES", "header_timeout": "UNIPOOL_HEADER_TIMEOUT",
             "body_timeout": "UNIPOOL_BODY_TIMEOUT", "send_timeout": "UNIPOOL_SEND_TIMEOUT"}

@@ -22,6 +22,7 @@ class ServerState:
     settings: object  # model_executor/settings.ServerSettings
     unavailable: Callable[[], str | None]  # why new requests cannot be served now (None: they can)
     store: object | None = None  # server/profile_store.ProfileStore, once the engine is ready
+    probes: object | None = None  # server/profile_store.ProbeStore, once the engine is ready
     engine_client: object | None = None  # vLLM's AsyncLLM, once the engine is ready
 
 

@@ -1,4 +1,5 @@
-"""Per-request routing capture in responses: `routed_experts` and `router_logits` per choice.
+"""Per-request results in responses: captured routing (`routed_experts`, `router_logits`) and probe
+scores (`probe_scores`) per choice.
 
 A request to /v1/completions or /v1/chat/completions with `"return_routed_experts": true`
 and/or `"return_router_logits": true` (one prompt per request) gets, in every choice:
@@ -11,7 +12,11 @@ and/or `"return_router_logits": true` (one prompt per request) gets, in every ch
                   router logits (before steering);
   routed_experts_layers  the decoder layer index of each `layers` row: every layer of a UniPool
                   model; the MoE layers of one of vLLM's families (layers without experts have
-                  no row, unlike vLLM's own field, which keeps them as rows of zeros).
+                  no row, unlike vLLM's own field, which keeps them as rows of zeros);
+  probe_scores    {probe name: {"score", "fired"[, "output_score", "output_fired"]}} for a
+                  probed request (docs/probes.md), on any route whose response has choices in
+                  this shape; on the other routes the probes still run (and gate), and the
+                  scores reach the metrics only.
 
 `tokens` are the positions the model computed, the prompt and the output but the last token
 (which is never fed back), from `routed_experts_prompt_start` on (vLLM's request field). A
@@ -33,27 +38,31 @@ from collections.abc import Awaitable, Callable
 
 from .enforcement import RequestContext
 
-# engine request ids -> ({engine id: (experts .npy, logits .npy)}, the decoder layer of each row)
-TakeFn = Callable[[list[str]], Awaitable[tuple[dict[str, tuple[bytes | None, bytes | None]], list[int]]]]
+# engine request ids -> ({engine id: {"experts", "logits" (.npy bytes), "probes" ({row: scores})}},
+# the decoder layer of each captured row)
+TakeFn = Callable[[list[str]], Awaitable[tuple[dict[str, dict], list[int]]]]
+ProbeScoreFn = Callable[[str, dict], None]  # (probe name, its scores of one request): metrics
 
 
-def _fields(encoded: tuple[bytes | None, bytes | None] | None, layers: list[int]) -> dict:
-    experts, logits = encoded or (None, None)
+def _fields(taken: dict | None, layers: list[int], probe_names: dict[int, str]) -> dict:
+    taken = taken or {}
     out = {}
-    if experts is not None:
-        out["routed_experts"] = base64.b64encode(experts).decode("ascii")
-    if logits is not None:
-        out["router_logits"] = base64.b64encode(logits).decode("ascii")
+    if taken.get("experts") is not None:
+        out["routed_experts"] = base64.b64encode(taken["experts"]).decode("ascii")
+    if taken.get("logits") is not None:
+        out["router_logits"] = base64.b64encode(taken["logits"]).decode("ascii")
     if out:
         out["routed_experts_layers"] = layers
+    if taken.get("probes") is not None:
+        out["probe_scores"] = {probe_names.get(int(row), str(row)): scores for row, scores in taken["probes"].items()}
     return out
 
 
 class CaptureResponse:
     """Wraps one response's ASGI `send` and writes the captured routing into its choices."""
 
-    def __init__(self, send, ctx: RequestContext, take: TakeFn):
-        self.send, self.ctx, self.take = send, ctx, take
+    def __init__(self, send, ctx: RequestContext, take: TakeFn, on_probe_scores: ProbeScoreFn | None = None):
+        self.send, self.ctx, self.take, self.on_probe_scores = send, ctx, take, on_probe_scores
         self.start: dict | None = None
         self.mode = None  # "json", "sse" or "pass"
         self.chunks: list[bytes] = []
@@ -64,8 +73,13 @@ class CaptureResponse:
     async def _by_choice(self) -> dict[int, dict]:
         if self.taken is None:
             by_choice = {index: engine_id for (_, index), engine_id in self.ctx.captured.items()}
-            encoded, layers = await self.take(list(by_choice.values())) if by_choice else ({}, [])
-            self.taken = {index: _fields(encoded.get(engine_id), layers) for index, engine_id in by_choice.items()}
+            taken, layers = await self.take(list(by_choice.values())) if by_choice else ({}, [])
+            self.taken = {index: _fields(taken.get(engine_id), layers, self.ctx.probe_names)
+                          for index, engine_id in by_choice.items()}
+            if self.on_probe_scores is not None:
+                for fields in self.taken.values():
+                    for name, scores in fields.get("probe_scores", {}).items():
+                        self.on_probe_scores(name, scores)
         return self.taken
 
     async def __call__(self, message) -> None:
@@ -78,6 +92,8 @@ class CaptureResponse:
                 return
             return await self.send(message)
         if message["type"] != "http.response.body" or self.mode == "pass":
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                await self._by_choice()  # no choices to write into: the results still leave the engine
             return await self.send(message)
         if self.mode == "json":
             return await self._json(message)

@@ -34,9 +34,14 @@ def our_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steering-dir", type=Path,
                         help="folder of <name>.safetensors steering profiles loaded at start; uploads are "
                              "written here (default: <model>/steering when it exists)")
-    parser.add_argument("--api-key", action="append", default=[], metavar="KEY[=PROFILE]",
-                        help="accept this bearer key (repeatable); KEY=PROFILE binds a mandatory steering "
-                             "profile that requests with this key cannot override. No key: open access.")
+    parser.add_argument("--probe-dir", type=Path,
+                        help="folder of <name>.safetensors routing probes loaded at start; uploads are written here "
+                             "(default: <model>/probes when it exists)")
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY[=BINDING]",
+                        help="accept this bearer key (repeatable); KEY=PROFILE binds a mandatory steering profile "
+                             "that requests with this key cannot override, KEY=PROFILE@PROBE binds it to apply once "
+                             "probe PROBE fires on the prompt, and +PROBE (repeatable, e.g. KEY=PROFILE+PROBE or "
+                             "KEY=+PROBE) makes a probe score every request of the key. No key: open access.")
     parser.add_argument("--admin-key", help="bearer key allowed to upload and delete steering profiles, "
                                             "to see their content, and to use vLLM's admin routes")
     parser.add_argument("--public-profile-details", action="store_true",
@@ -60,17 +65,22 @@ def our_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _folder(given: Path | None, default: Path, flag: str) -> Path | None:
+    """A readable folder: the one given, else `default` when it exists; ValueError naming the flag."""
+    folder = given if given is not None else (default if default.is_dir() else None)
+    if folder is not None and not folder.is_dir():
+        raise ValueError(f"{flag} {folder} is not a folder")
+    if folder is not None and not os.access(folder, os.R_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder} cannot be read")
+    return folder
+
+
 def server_settings(ours: argparse.Namespace, model: Path) -> ServerSettings:
     """Our flags as ServerSettings; ValueError (one line) for anything inconsistent."""
     from .policy import AccessPolicy
 
-    steering_dir = ours.steering_dir
-    if steering_dir is None and (model / "steering").is_dir():
-        steering_dir = model / "steering"
-    if steering_dir is not None and not steering_dir.is_dir():
-        raise ValueError(f"--steering-dir {steering_dir} is not a folder")
-    if steering_dir is not None and not os.access(steering_dir, os.R_OK | os.X_OK):
-        raise ValueError(f"--steering-dir {steering_dir} cannot be read")
+    steering_dir = _folder(ours.steering_dir, model / "steering", "--steering-dir")
+    probe_dir = _folder(ours.probe_dir, model / "probes", "--probe-dir")
     if any("," in spec for spec in ours.api_key):
         raise ValueError("--api-key values must not contain ','")
     if ours.admin_key is not None and not ours.admin_key.strip():
@@ -81,11 +91,15 @@ def server_settings(ours: argparse.Namespace, model: Path) -> ServerSettings:
         if not getattr(ours, flag) > 0:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(ours, flag)} must be > 0 seconds")
     policy = AccessPolicy.parse(ours.api_key, ours.admin_key)
-    for profile in sorted(policy.bound_profiles()):
-        if steering_dir is None or not (steering_dir / f"{profile}.safetensors").is_file():
-            raise ValueError(f"--api-key binds steering profile {profile!r}, but {steering_dir or 'no steering dir'} "
-                             f"has no {profile}.safetensors")
+    for what, names, folder in (("steering profile", policy.bound_profiles(), steering_dir),
+                                ("probe", policy.bound_probes(), probe_dir)):
+        for name in sorted(names):
+            if folder is None or not (folder / f"{name}.safetensors").is_file():
+                flag = "--steering-dir" if what == "steering profile" else "--probe-dir"
+                raise ValueError(f"--api-key binds {what} {name!r}, but {folder or f'no {flag}'} has no "
+                                 f"{name}.safetensors")
     return ServerSettings(api_keys=list(ours.api_key), admin_key=ours.admin_key or "", steering_dir=steering_dir,
+                          probe_dir=probe_dir,
                           public_profile_details=ours.public_profile_details, max_capture_bytes=ours.max_capture_bytes,
                           metrics_interval=ServerSettings.from_env().metrics_interval,
                           header_timeout=ours.header_timeout, body_timeout=ours.body_timeout,
@@ -188,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from .launch import serve
 
     print(f"unipool-serve: model {model}; steering profiles from {steering_dir or '(none)'}; "
+          f"probes from {settings.probe_dir or '(none)'}; "
           f"{len(ours.api_key)} API key(s); admin {'on' if ours.admin_key else 'off'}; "
           f"listening on http://{ours.host}:{ours.port} (/ready turns 200 when loaded)", flush=True)
     uvloop.run(serve(args))

@@ -55,12 +55,12 @@ class UniPoolEndpointPlugin:
         from .steering_api import router
 
         self.app = app
-        app.include_router(router)
+        app.include_router(router)  # profiles, probes, /ready
         attach_state(app, ServerState(self.policy, self.settings, self.unavailable))
         app.add_middleware(APIGateway, router=app.router, policy=self.policy,
                            on_steering_error=self._count_error, on_metrics_scrape=self._refresh_metrics,
                            unavailable=self.unavailable, take_capture=self._take_capture,
-                           body_timeout=self.settings.body_timeout)
+                           body_timeout=self.settings.body_timeout, on_probe_scores=self._record_probe)
 
     def unavailable(self) -> str | None:
         """Why new requests cannot be served right now (None: they can)."""
@@ -80,6 +80,10 @@ class UniPoolEndpointPlugin:
         if self.metrics is not None:
             self.metrics.requests.labels(profile=profile or "none").inc()
 
+    def _record_probe(self, name: str, scores: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.record_probe(name, scores)
+
     def _count_error(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.errors.labels(reason=reason).inc()
@@ -95,12 +99,13 @@ class UniPoolEndpointPlugin:
         except Exception as exc:  # noqa: BLE001 - a scrape still answers, with the last counts
             logger.warning("routing statistics not refreshed for this scrape: %r", exc)
 
-    async def _every_interval(self, engine_client, store) -> None:
-        """Background upkeep: free the rows of deleted profiles whose requests have ended, and read the
-        routing counts for the per-interval gauges."""
+    async def _every_interval(self, engine_client, stores) -> None:
+        """Background upkeep: free the rows of deleted profiles and probes whose requests have ended, and
+        read the routing counts for the per-interval gauges."""
         while True:
             try:
-                await store.release_finished()
+                for store in stores:
+                    await store.release_finished()
                 self.metrics.update_gauges(await self.metrics.refresh(engine_client))
             except Exception:  # noqa: BLE001 - upkeep must never take the server down
                 logger.exception("background upkeep (profile rows, routing statistics) failed")
@@ -111,7 +116,6 @@ class UniPoolEndpointPlugin:
 
         from .enforcement import SteeringEnforcer
         from .pool_metrics import PoolMetrics
-        from .profile_store import ProfileStore
 
         if engine_client is None:
             return
@@ -119,46 +123,68 @@ class UniPoolEndpointPlugin:
         model = SteerableModel.of(engine_client.model_config.hf_config)
         secret = secrets.token_bytes(32)
         await engine_client.collective_rpc(contract.RPC_SET_SECRET, args=(secret.hex(),))
-
-        async def push(slot, profile):
-            await engine_client.collective_rpc(contract.RPC_SET_PROFILE,
-                                               args=contract.set_profile_args(secret, slot, profile))
-
-        store = ProfileStore(model, setting("UNIPOOL_MAX_STEERING_PROFILES"), self.settings.steering_dir, push,
-                             is_live=lambda request_id: request_id in engine_client.output_processor.request_states)
-        await store.load_directory()
-        missing = sorted(self.policy.bound_profiles() - set(store.names()))
-        if missing:
-            raise RuntimeError(f"unipool_api: API keys are bound to steering profile(s) {missing}, which are not "
-                               f"loaded from {self.settings.steering_dir}: refusing to serve them unsteered")
-        parallel = engine_client.vllm_config.parallel_config
         self.capture_layers = (await engine_client.collective_rpc(contract.RPC_CAPTURE_LAYERS))[0]
-        capture_refused = None
-        if parallel.pipeline_parallel_size > 1:
-            capture_refused = "routing capture is not served with pipeline parallelism (each stage sees its own layers)"
-        elif not setting("UNIPOOL_ROUTING_CAPTURE"):
-            capture_refused = "routing capture is off on this server (UNIPOOL_ROUTING_CAPTURE=0)"
-        elif self.capture_layers is None:
-            capture_refused = ("routing capture is not available for this model: vLLM runs its MoE layers with a "
-                               "kernel that never hands the routing out (see the server log)")
+        capture_refused = self._capture_refusal(engine_client)
+        store, probes = await self._load_stores(engine_client, model, secret, capture_refused)
         SteeringEnforcer(store, secret, on_admit=self._count_request, on_refuse=self._count_error,
                          max_capture_bytes=self.settings.max_capture_bytes, capture_refused=capture_refused,
-                         capture_rows=len(self.capture_layers or ())).install(engine_client)
+                         capture_rows=len(self.capture_layers or ()), probes=probes).install(engine_client)
         self.metrics = PoolMetrics(get_prometheus_registry(), list(model.layer_to_pool), model.num_experts,
                                    self.settings.metrics_interval, setting("UNIPOOL_METRICS_MAX_EXPERT_SERIES"),
                                    rows_in_use=store.rows_in_use)
         await self.metrics.refresh(engine_client)  # baseline: warm-up runs are not served tokens
         loop = asyncio.get_running_loop()
-        every_interval = loop.create_task(self._every_interval(engine_client, store))
+        every_interval = loop.create_task(self._every_interval(engine_client, (store, probes)))
         self.shutdown = DrainingShutdown(engine_client, loop, every_interval)
         if getattr(state, "serving_structured_decisions", "absent") is None:
             unmount(self.app, "/v1/systemone")  # vLLM answers 501 to every call for models it cannot read
         self.engine_client = engine_client
         ours = server_state(self.app)
-        ours.engine_client, ours.store = engine_client, store  # last: /ready turns 200 from here on
-        logger.info("unipool_api: %d steering profile(s) loaded: %s", len(store.names()), store.names())
-        for name, error in store.load_errors.items():
-            logger.error("unipool_api: profile file %s rejected: %s", name, error)
+        ours.engine_client, ours.probes, ours.store = engine_client, probes, store  # store last: /ready turns 200
+        for loaded in (store, probes):
+            logger.info("unipool_api: %d %s(s) loaded: %s", len(loaded.names()), loaded.what, loaded.names())
+            for name, error in loaded.load_errors.items():
+                logger.error("unipool_api: %s file %s rejected: %s", loaded.what, name, error)
+
+    def _capture_refusal(self, engine_client) -> str | None:
+        """Why this engine cannot capture routing (and so cannot run probes); None: it can."""
+        if engine_client.vllm_config.parallel_config.pipeline_parallel_size > 1:
+            return "routing capture is not served with pipeline parallelism (each stage sees its own layers)"
+        if not setting("UNIPOOL_ROUTING_CAPTURE"):
+            return "routing capture is off on this server (UNIPOOL_ROUTING_CAPTURE=0)"
+        if self.capture_layers is None:
+            return ("routing capture is not available for this model: vLLM runs its MoE layers with a kernel that "
+                    "never hands the routing out (see the server log)")
+        return None
+
+    async def _load_stores(self, engine_client, model, secret: bytes, capture_refused: str | None):
+        """The profile store and the probe store, loaded from their folders and pushed to the engine;
+        RuntimeError when a key is bound to something that did not load."""
+        from .profile_store import ProbeStore, ProfileStore
+
+        def is_live(request_id: str) -> bool:
+            return request_id in engine_client.output_processor.request_states
+
+        def pusher(rpc: str, args_of):
+            async def push(slot, item):
+                await engine_client.collective_rpc(rpc, args=args_of(secret, slot, item))
+            return push
+
+        store = ProfileStore(model, setting("UNIPOOL_MAX_STEERING_PROFILES"), self.settings.steering_dir,
+                             pusher(contract.RPC_SET_PROFILE, contract.set_profile_args), is_live)
+        probes = ProbeStore(model, setting("UNIPOOL_MAX_PROBES"),
+                            self.settings.probe_dir if capture_refused is None else None,
+                            pusher(contract.RPC_SET_PROBE, contract.set_probe_args), is_live,
+                            unavailable=capture_refused)
+        for loaded, bound, folder in ((store, self.policy.bound_profiles(), self.settings.steering_dir),
+                                      (probes, self.policy.bound_probes(), self.settings.probe_dir)):
+            await loaded.load_directory()
+            missing = sorted(bound - set(loaded.names()))
+            if missing:
+                why = f" ({capture_refused})" if loaded is probes and capture_refused else ""
+                raise RuntimeError(f"unipool_api: API keys are bound to {loaded.what}(s) {missing}, which are not "
+                                   f"loaded from {folder}{why}: refusing to serve those keys without them")
+        return store, probes
 
 
 def unmount(app, path: str) -> None:

@@ -6,12 +6,11 @@ For each HTTP or WebSocket request it
      envelope;
   1. finds the route the request is for and its access class (server/policy.py), checks the
      bearer key (401) and the class (403);
-  2. for a body that is JSON, takes the steering request out of it: the top-level
-     `steering` field and `vllm_xargs.steering` (vLLM would drop the first silently and
-     pass the second on unchecked), the expert budget and the routing-capture flags;
-     rejects reserved `vllm_xargs` keys, conflicting names and a bound key's override (403)
-     with the OpenAI envelope before any route runs; mends what vLLM's own routes break on
-     (server/request_repairs.py);
+  2. for a body that is JSON, takes our fields out of it (server/request_fields.py: steering,
+     its probe gate, the expert budget, routing capture, probes; vLLM would drop them
+     silently or pass them on unchecked); rejects bad ones, reserved `vllm_xargs` keys,
+     conflicting names and a bound key's override (403) with the OpenAI envelope before any
+     route runs; mends what vLLM's own routes break on (server/request_repairs.py);
   3. sets the request context (enforcement.CURRENT_REQUEST) that the enforcement point
      reads for every engine request this HTTP request leads to.
 It decides nothing about steering itself: the enforcement point does, for every route.
@@ -27,19 +26,18 @@ from dataclasses import replace
 from starlette.routing import Match
 
 from unipool_serve.model_executor.steering import contract
-from unipool_serve.model_executor.steering.profile import NAME_PATTERN, NAME_RULE
 
 from .app_state import mark_admin
-from .capture import CaptureResponse, TakeFn
-from .enforcement import CURRENT_REQUEST, RequestContext, SteeringRefused, resolve_profile
+from .capture import CaptureResponse, ProbeScoreFn, TakeFn
+from .enforcement import CURRENT_REQUEST, RequestContext, SteeringRefused, resolve_gate, resolve_profile
 from .errors import APIError, envelope_errors, send_openai_error
 from .policy import Access, AccessPolicy, route_access
+from .request_fields import take_fields
 from .request_repairs import repair
 
 MAX_BODY_BYTES = 32 << 20
 BODY_METHODS = ("POST", "PUT", "PATCH")
-RAW_BODY_ROUTES = {("POST", "/v1/steering/profiles")}  # binary uploads: never parsed as JSON
-CAPTURE_ROUTES = {"/v1/completions", "/v1/chat/completions"}  # whose responses server/capture.py fills
+RAW_BODY_ROUTES = {("POST", "/v1/steering/profiles"), ("POST", "/v1/steering/probes")}  # binary uploads: never JSON
 METRICS_ROUTE = "/metrics"
 RETRY_AFTER_S = 5
 
@@ -51,7 +49,8 @@ class APIGateway:
                  on_steering_error: Callable[[str], None] | None = None,
                  on_metrics_scrape: Callable[[], Awaitable[None]] | None = None,
                  unavailable: Callable[[], str | None] = lambda: None,
-                 take_capture: TakeFn | None = None, body_timeout: float = 60.0):
+                 take_capture: TakeFn | None = None, body_timeout: float = 60.0,
+                 on_probe_scores: ProbeScoreFn | None = None):
         self.app = app
         self.router = router  # the FastAPI app's router: what each path is
         self.policy = policy
@@ -60,6 +59,7 @@ class APIGateway:
         self.on_steering_error = on_steering_error  # (reason) -> None: metrics hook
         self.on_metrics_scrape = on_metrics_scrape  # refreshes routing counts before a scrape
         self.body_timeout = body_timeout  # seconds a request has to send its whole body
+        self.on_probe_scores = on_probe_scores  # (probe name, one request's scores) -> None: metrics hook
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -80,7 +80,7 @@ class APIGateway:
             caller = self.policy.identify(dict(scope.get("headers") or []))
             self.policy.check(access, caller)
             mark_admin(scope, caller.is_admin)
-            ctx, replay = RequestContext(bound=caller.bound, is_admin=caller.is_admin), receive
+            ctx, replay = RequestContext.of(caller), receive
             if scope["type"] == "http" and scope["method"] in BODY_METHODS:
                 body = await read_body(receive, self.body_timeout)
                 if (scope["method"], template) not in RAW_BODY_ROUTES:
@@ -90,8 +90,8 @@ class APIGateway:
             if err.param == contract.REQUEST_FIELD and self.on_steering_error is not None:
                 self.on_steering_error(str(err.code))
             return await refuse(scope, send, err)
-        if ctx.capture and self.take_capture is not None:
-            send = CaptureResponse(send, ctx, self.take_capture)
+        if ctx.wants_results() and self.take_capture is not None:
+            send = CaptureResponse(send, ctx, self.take_capture, self.on_probe_scores)
         token = CURRENT_REQUEST.set(ctx)
         try:
             await self.app(scope, replay, send)
@@ -111,67 +111,29 @@ class APIGateway:
 
     def take_steering(self, body: bytes, scope, ctx: RequestContext, template: str) -> tuple[bytes, RequestContext]:
         """(body without our fields, the request context with what they asked for); APIError for
-        bad input."""
+        bad input, and for a bound key's override, before any route runs."""
         if not looks_like_json(body, scope):
             return body, ctx
         request = parse_json(body)
         if not isinstance(request, dict):
             return body, ctx
-        ours = (contract.REQUEST_FIELD, contract.BUDGET_FIELD, *contract.CAPTURE_FIELDS)
-        changed = any(key in request for key in ours)
-        changed = repair(request, template) or changed
+        changed = repair(request, template)
+        fields = take_fields(request, template)
+        asked = replace(ctx, asked=fields.profile if fields.profile is not None else fields.profile_in_xargs,
+                        asked_gate=fields.gate, budget=fields.budget, capture=fields.capture,
+                        asked_probes=fields.probes, probe_output=fields.probe_output)
         try:
-            budget = contract.parse_budget(request.pop(contract.BUDGET_FIELD, None))
-        except contract.BudgetError as exc:
-            raise APIError(400, str(exc), param=contract.BUDGET_FIELD, code="invalid_expert_budget") from None
-        capture = capture_flags(request, template)
-        top = request.pop(contract.REQUEST_FIELD, None)
-        xargs = request.get("vllm_xargs")
-        in_xargs = None
-        if isinstance(xargs, dict):
-            reserved = sorted(k for k in xargs if isinstance(k, str) and contract.is_reserved(k))
-            if reserved:
-                raise APIError(400, f"vllm_xargs keys {reserved} are reserved for the server", param="vllm_xargs",
-                               code="reserved_vllm_xargs")
-        if isinstance(xargs, dict) and contract.REQUEST_FIELD in xargs:
-            changed = True
-            in_xargs = xargs.pop(contract.REQUEST_FIELD)
-            if not xargs:
-                request.pop("vllm_xargs")
-        for name in (top, in_xargs):
-            if name is not None and not (isinstance(name, str) and NAME_PATTERN.match(name)):
-                raise APIError(400, f"'steering' must be a profile name ({NAME_RULE}), got {name!r:.80}",
-                               param=contract.REQUEST_FIELD, code="invalid_steering_field")
-        asked = top if top is not None else in_xargs
-        try:
-            resolve_profile(RequestContext(bound=ctx.bound, asked=top), in_xargs)  # 400/403 before any route
+            resolve_profile(replace(ctx, asked=fields.profile), fields.profile_in_xargs)  # 400/403 before any route
+            resolve_gate(asked, asked.asked)
         except SteeringRefused as refused:
-            raise APIError(refused.status, str(refused), param=contract.REQUEST_FIELD, code=refused.reason) from None
-        if not changed:
+            raise APIError(refused.status, str(refused), param=refused.param, code=refused.reason) from None
+        if not (changed or fields.present):
             return body, ctx
         rewritten = json.dumps(request).encode()
         # the body changed size: keep the header truthful for whatever reads it
         scope["headers"] = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
         scope["headers"].append((b"content-length", str(len(rewritten)).encode()))
-        return rewritten, replace(ctx, asked=asked, budget=budget, capture=capture)
-
-
-def capture_flags(request: dict, template: str) -> int:
-    """The routing-capture flags a request asks for (popped from it); APIError when it cannot have them."""
-    flags = 0
-    for name, flag in contract.CAPTURE_FIELDS.items():
-        value = request.pop(name, False)
-        if not isinstance(value, bool):
-            raise APIError(400, f"'{name}' must be true or false, got {value!r:.40}", param=name, code="invalid_capture")
-        flags |= flag if value else 0
-    if not flags:
-        return 0
-    if template not in CAPTURE_ROUTES:
-        raise APIError(400, f"routing capture is served on {sorted(CAPTURE_ROUTES)} only", code="invalid_capture")
-    prompt = request.get("prompt")
-    if isinstance(prompt, list) and len(prompt) > 1 and not all(isinstance(t, int) for t in prompt):
-        raise APIError(400, "routing capture takes one prompt per request", param="prompt", code="invalid_capture")
-    return flags
+        return rewritten, asked
 
 
 def looks_like_json(body: bytes, scope) -> bool:

@@ -45,6 +45,7 @@ ROUTE_ACCESS: dict[str, Access] = {
         "/v1/models", "/kv_event_sources",
         # ours: listing is open to users, changes check the admin key in the handler
         "/v1/steering/profiles", "/v1/steering/profiles/{name}",
+        "/v1/steering/probes", "/v1/steering/probes/{name}",
     ], Access.USER),
 }
 
@@ -54,31 +55,64 @@ def route_access(path_template: str) -> Access:
 
 
 @dataclass(frozen=True)
+class Binding:
+    """What a key's requests always run under: `KEY=[PROFILE][@GATE][+PROBE...]` on the command line.
+
+    `safe` binds profile safe; `safe@risky` binds it gated: it applies once probe `risky` fires on
+    the prompt; `+audit` (repeatable) makes probe audit score every request of the key."""
+
+    profile: str | None = None
+    gate: str | None = None
+    probes: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Binding:
+        head, *probes = text.split("+")
+        profile, at, gate = head.partition("@")
+        if at and not (profile and gate):
+            raise ValueError(f"binding {text!r}: PROFILE@PROBE needs both names")
+        if any(not p for p in probes):
+            raise ValueError(f"binding {text!r}: an empty probe name after '+'")
+        return cls(profile or None, gate or None, tuple(probes))
+
+    def probe_names(self) -> set[str]:
+        return set(self.probes) | ({self.gate} if self.gate else set())
+
+
+@dataclass(frozen=True)
 class Caller:
     """The identity a request's bearer token proves."""
 
-    bound: str | None = None  # mandatory steering profile of the key
+    binding: Binding = Binding()  # what the key's requests always run under
     is_admin: bool = False
+
+    @property
+    def bound(self) -> str | None:
+        """The key's mandatory steering profile."""
+        return self.binding.profile
 
 
 @dataclass
 class AccessPolicy:
-    """API keys (each optionally bound to a mandatory profile) and the admin key."""
+    """API keys (each optionally bound to a mandatory profile, gate and probes) and the admin key."""
 
-    keys: dict[str, str | None] = field(default_factory=dict)
+    keys: dict[str, Binding] = field(default_factory=dict)
     admin_key: str | None = None
 
     @classmethod
     def parse(cls, key_specs: list[str], admin_key: str | None) -> AccessPolicy:
-        """From `KEY` / `KEY=PROFILE` specs; ValueError names what is inconsistent."""
-        keys: dict[str, str | None] = {}
+        """From `KEY` / `KEY=BINDING` specs (Binding); ValueError names what is inconsistent."""
+        keys: dict[str, Binding] = {}
         for spec in key_specs:
-            key, _, profile = spec.partition("=")
+            key, _, binding = spec.partition("=")
             if not key.strip() or key != key.strip():
                 raise ValueError(f"--api-key {spec!r}: the key is empty or has surrounding spaces")
             if key in keys:
                 raise ValueError(f"--api-key {key!r} is given twice")
-            keys[key] = profile or None
+            try:
+                keys[key] = Binding.parse(binding)
+            except ValueError as exc:
+                raise ValueError(f"--api-key {key}=...: {exc}") from None
         if admin_key and admin_key != admin_key.strip():
             raise ValueError("--admin-key has surrounding spaces")
         if admin_key and admin_key in keys:
@@ -86,7 +120,10 @@ class AccessPolicy:
         return cls(keys, admin_key or None)
 
     def bound_profiles(self) -> set[str]:
-        return {p for p in self.keys.values() if p is not None}
+        return {b.profile for b in self.keys.values() if b.profile is not None}
+
+    def bound_probes(self) -> set[str]:
+        return {name for b in self.keys.values() for name in b.probe_names()}
 
     def identify(self, headers: dict[bytes, bytes]) -> Caller:
         """The caller behind the bearer token; APIError(401) when keys are required and it is none of them."""
@@ -97,9 +134,9 @@ class AccessPolicy:
             return Caller(is_admin=True)
         if not self.keys:
             return Caller()
-        for key, profile in self.keys.items():
+        for key, binding in self.keys.items():
             if raw and hmac.compare_digest(raw, key.encode()):
-                return Caller(bound=profile)
+                return Caller(binding=binding)
         raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
     def check(self, access: Access, caller: Caller) -> None:

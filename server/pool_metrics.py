@@ -24,6 +24,8 @@ Exported (see deploy/observability/metric_names.txt):
   unipool_steering_errors_total{reason}      counter  requests rejected for steering reasons
   unipool_steering_rows_in_use               gauge    engine steering rows held (loaded profiles, and deleted
                                                       ones until their last request ends)
+  unipool_probe_score{probe}                 histogram  prompt scores of the requests a probe scored
+  unipool_probe_fired_total{probe}           counter  requests whose prompt made the probe fire
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ import math
 from collections.abc import Callable
 
 import torch
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from unipool_serve.model_executor.steering.contract import RPC_ROUTING_STATS
 
 logger = logging.getLogger("unipool_serve.server")
+PROBE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 10)) + (0.95, 0.99, 1.0)
 
 
 class PoolMetrics:
@@ -68,7 +71,18 @@ class PoolMetrics:
                                 ["profile"], registry=registry)
         self.errors = Counter("unipool_steering_errors", "Requests rejected for steering reasons",
                               ["reason"], registry=registry)
+        self.probe_scores = Histogram("unipool_probe_score", "Prompt scores of the requests a probe scored",
+                                      ["probe"], buckets=PROBE_BUCKETS, registry=registry)
+        self.probe_fired = Counter("unipool_probe_fired", "Requests whose prompt made the probe fire", ["probe"],
+                                   registry=registry)
         registry.register(self)
+
+    def record_probe(self, name: str, scores: dict) -> None:
+        """One request's scores of probe `name` ({"score", "fired", ...}; a NaN score: its row changed)."""
+        if math.isfinite(scores.get("score", math.nan)):
+            self.probe_scores.labels(probe=name).observe(scores["score"])
+        if scores.get("fired"):
+            self.probe_fired.labels(probe=name).inc()
 
     # ---- reading the engine -------------------------------------------------
     async def refresh(self, engine_client) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""HTTP routes that are ours: steering profiles and readiness.
+"""HTTP routes that are ours: steering profiles, routing probes and readiness.
 
-Any accepted key lists the profiles by name and description; their content (digest,
-per-layer rows) is shown to the admin key only, unless UNIPOOL_PUBLIC_PROFILE_DETAILS=1.
-Uploads and deletions need the admin key.
+Any accepted key lists the profiles and probes by name and description; their content
+(digest, per-layer rows, a probe's threshold and measured rates) is shown to the admin key
+only, unless UNIPOOL_PUBLIC_PROFILE_DETAILS=1. Uploads and deletions need the admin key.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from unipool_serve.model_executor.steering import contract
+from unipool_serve.model_executor.steering.probe import ProbeError, RoutingProbe
 from unipool_serve.model_executor.steering.profile import SteeringProfile, SteeringProfileError, check_name
 
 from .app_state import is_admin, server_state
@@ -24,10 +25,10 @@ router = APIRouter()
 STORE_ERROR_STATUS = {UnknownProfile: 404, ProfileExists: 409, SlotsFull: 409}
 
 
-def _store(request: Request):
-    store = server_state(request.app).store
+def _store(request: Request, kind: str = "store"):
+    store = getattr(server_state(request.app), kind)
     if store is None:
-        raise APIError(503, "steering profiles are still loading", code="not_ready")
+        raise APIError(503, "steering profiles and probes are still loading", code="not_ready")
     return store
 
 
@@ -57,6 +58,8 @@ def _api(handler):
             return openai_error(err.status, err.message, param=err.param, code=err.code)
         except ProfileStoreError as err:
             return openai_error(STORE_ERROR_STATUS.get(type(err), 400), str(err), code=err.code)
+        except ProbeError as err:
+            return openai_error(400, str(err), code="invalid_probe")
         except SteeringProfileError as err:
             return openai_error(400, str(err), code="invalid_steering_profile")
     return wrapper
@@ -79,9 +82,9 @@ async def list_profiles(request: Request):
     store, details = _store(request), _shows_details(request)
     data = []
     for name, active in sorted(store.by_name.items()):
-        entry = {"object": "steering_profile", "id": name, "description": active.profile.description}
+        entry = {"object": "steering_profile", "id": name, "description": active.item.description}
         if details:
-            entry |= {"alpha": active.profile.alpha, "content_hash": contract.digest(active.content_hash)}
+            entry |= {"alpha": active.item.alpha, "content_hash": contract.digest(active.content_hash)}
         data.append(entry)
     return JSONResponse({"object": "list", "data": data})
 
@@ -90,7 +93,7 @@ async def list_profiles(request: Request):
 @_api
 async def get_profile(name: str, request: Request):
     check_name(name)
-    profile = _store(request).get(name).profile
+    profile = _store(request).get(name).item
     if not _shows_details(request):
         return JSONResponse({"object": "steering_profile", "name": profile.name, "description": profile.description})
     return JSONResponse({"object": "steering_profile", **profile.summary()})
@@ -102,17 +105,22 @@ async def upload_profile(request: Request, replace: bool = False):
     """Body: the raw profile file (safetensors, see docs/steering.md), at most 8 MiB."""
     _require_admin(request)
     store = _store(request)
+    profile = SteeringProfile.from_bytes(await read_upload(request), store.config, source="uploaded profile")
+    active = await store.add(profile, replace=replace)
+    return JSONResponse({"object": "steering_profile", **active.item.summary()}, status_code=201)
+
+
+async def read_upload(request: Request, limit: int = MAX_PROFILE_BYTES) -> bytes:
+    """The raw file of an upload; 413 past `limit` bytes (declared or sent)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_PROFILE_BYTES:
-        raise APIError(413, f"profile file larger than {MAX_PROFILE_BYTES} bytes", code="body_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"file larger than {limit} bytes", code="body_too_large")
     data = bytearray()
     async for chunk in request.stream():
         data += chunk
-        if len(data) > MAX_PROFILE_BYTES:
-            raise APIError(413, f"profile file larger than {MAX_PROFILE_BYTES} bytes", code="body_too_large")
-    profile = SteeringProfile.from_bytes(bytes(data), store.config, source="uploaded profile")
-    active = await store.add(profile, replace=replace)
-    return JSONResponse({"object": "steering_profile", **active.profile.summary()}, status_code=201)
+        if len(data) > limit:
+            raise APIError(413, f"file larger than {limit} bytes", code="body_too_large")
+    return bytes(data)
 
 
 @router.delete("/v1/steering/profiles/{name}")
@@ -123,3 +131,53 @@ async def delete_profile(name: str, request: Request):
     running = await _store(request).remove(name)
     return JSONResponse({"object": "steering_profile.deleted", "id": name, "deleted": True,
                          "running_requests": running})
+
+
+# ---- routing probes (docs/probes.md) -------------------------------------------------------
+
+
+@router.get("/v1/steering/probes")
+@_api
+async def list_probes(request: Request):
+    store, details = _store(request, "probes"), _shows_details(request)
+    data = []
+    for name, loaded in sorted(store.by_name.items()):
+        entry = {"object": "routing_probe", "id": name, "description": loaded.item.description,
+                 "labels": loaded.item.labels}
+        if details:
+            entry |= {"threshold": loaded.item.threshold, "content_hash": contract.digest(loaded.content_hash)}
+        data.append(entry)
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/v1/steering/probes/{name}")
+@_api
+async def get_probe(name: str, request: Request):
+    check_name(name)
+    probe = _store(request, "probes").get(name).item
+    if not _shows_details(request):
+        return JSONResponse({"object": "routing_probe", "name": probe.name, "description": probe.description,
+                             "labels": probe.labels})
+    return JSONResponse({"object": "routing_probe", **probe.summary()})
+
+
+@router.post("/v1/steering/probes", status_code=201)
+@_api
+async def upload_probe(request: Request, replace: bool = False):
+    """Body: the raw probe file (safetensors, see docs/probes.md), at most 8 MiB."""
+    _require_admin(request)
+    store = _store(request, "probes")
+    if store.unavailable is not None:
+        raise APIError(400, f"this server runs no probes: {store.unavailable}", code="probes_unsupported")
+    probe = RoutingProbe.from_bytes(await read_upload(request), store.config, source="uploaded probe")
+    loaded = await store.add(probe, replace=replace)
+    return JSONResponse({"object": "routing_probe", **loaded.item.summary()}, status_code=201)
+
+
+@router.delete("/v1/steering/probes/{name}")
+@_api
+async def delete_probe(name: str, request: Request):
+    _require_admin(request)
+    check_name(name)
+    running = await _store(request, "probes").remove(name)
+    return JSONResponse({"object": "routing_probe.deleted", "id": name, "deleted": True, "running_requests": running})

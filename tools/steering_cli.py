@@ -5,6 +5,7 @@
   unipool-steering show NAME.safetensors [--model DIR]
   unipool-steering subpool --model DIR --usage URL_OR_JSONL --keep-fraction 0.5 --name top-half --out top-half.safetensors
   unipool-steering fit --model DIR [--server URL] --data labelled.jsonl --name safe --out safe.safetensors [--judge SPEC]
+  unipool-steering probe --model DIR [--server URL] --data labelled.jsonl --name code --out code.safetensors [--fpr 0.05]
 
 --model reads the shapes (layers, experts, top-k, router kind, layers without experts) from
 the folder's config.json: a UniPool model or any of vLLM's MoE families steering supports.
@@ -28,6 +29,7 @@ from unipool_serve.model_executor.steering.profile import SteeringProfile, Steer
 from unipool_serve.model_executor.steering.shape import SteerableModel
 
 from .fit import command as fit_command
+from .fit import probe_command
 
 
 def _load_array(path: Path) -> torch.Tensor:
@@ -84,12 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     subpool.add_argument("--top-k-budget", type=int, help="also cap the experts per token")
     subpool.add_argument("--out", required=True, type=Path)
     fit_command.add_parser(sub)
+    probe_command.add_parser(sub)
     show = sub.add_parser("show", help="validate a profile file and print its summary")
     show.add_argument("path", type=Path)
     show.add_argument("--model", type=Path, help="also check it fits this model folder")
     args = parser.parse_args(argv)
     if args.command == "fit":
         return fit_command.run(args)
+    if args.command == "probe":
+        return probe_command.run(args)
 
     try:
         config = SteerableModel.from_folder(args.model) if args.model else None

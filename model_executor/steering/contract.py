@@ -22,12 +22,15 @@ Worker RPCs (`collective_rpc`), all authenticated by the same secret where they 
   RPC_STEERING_ROWS()                         {slot: digest} (tests, debugging)
   RPC_TAKE_CAPTURE(request_ids)               captured routing of finished requests
   RPC_CAPTURE_LAYERS()                        the decoder layer of each captured row (None: no capture)
+  RPC_SET_PROBE(slot, rows, digest, auth)     write one probe row: rows {"weight": [R][E], "bias",
+                                              "threshold"}; rows None clears it
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -39,7 +42,14 @@ ARG_SLOT = "unipool_steering_slot"
 ARG_DIGEST = "unipool_steering_digest"
 ARG_TOP_K = "unipool_expert_budget_top_k"
 ARG_CAPTURE = "unipool_capture"  # CAPTURE_* flags
+ARG_PROBES = "unipool_probes"  # [[probe row, digest], ...]
+ARG_GATE = "unipool_gate"  # the probe row whose firing turns the profile's row on (None: on from the start)
+ARG_PROBE_OUTPUT = "unipool_probe_output"  # also score the generated tokens
 ARG_SIGNATURE = "unipool_steering_sig"
+PROBES_FIELD = "probes"  # request: ["name", ...] (in vllm_xargs: "name,name")
+PROBE_OUTPUT_FIELD = "probe_output"  # request: true to score the generated tokens too
+GATE_FIELD = "when"  # request: "steering": {"profile": P, "when": Q} (in vllm_xargs: "steering_when": Q)
+XARGS_GATE_FIELD = "steering_when"
 CAPTURE_EXPERTS, CAPTURE_LOGITS = 1, 2  # what a request's routing capture holds (flags, or-ed)
 CAPTURE_FIELDS = {"return_routed_experts": CAPTURE_EXPERTS, "return_router_logits": CAPTURE_LOGITS}  # field -> flag
 ROW_TABLES = ("bias", "mask")  # the per-profile tables one engine row spans (steering/table.py)
@@ -50,8 +60,9 @@ RPC_ROUTING_STATS = "unipool_routing_stats"
 RPC_STEERING_ROWS = "unipool_steering_rows"
 RPC_TAKE_CAPTURE = "unipool_take_capture"
 RPC_CAPTURE_LAYERS = "unipool_capture_layers"
+RPC_SET_PROBE = "unipool_set_probe"
 RPC_NAMES = (RPC_SET_SECRET, RPC_SET_PROFILE, RPC_ROUTING_STATS, RPC_STEERING_ROWS, RPC_TAKE_CAPTURE,
-             RPC_CAPTURE_LAYERS)
+             RPC_CAPTURE_LAYERS, RPC_SET_PROBE)
 
 DIGEST_CHARS = 16  # of a profile's sha256 content hash: what the engine compares rows by
 SALT_PREFIX = "unipool-"
@@ -73,23 +84,36 @@ def _mac(secret: bytes, *parts: object) -> str:
 
 class Steering(NamedTuple):
     """What one request runs under: a table row (0: none) holding `digest`, a budget (None: all k),
-    and which of its routing to capture (0: none)."""
+    which of its routing to capture (0: none), the probes that score it ((slot, digest) pairs of the
+    engine's probe rows) and the probe that gates its row (None: the row applies from the start;
+    a slot: only once that probe has fired on the prompt)."""
 
     row: int
     digest: str
-    top_k: int | None
+    budget: int | None
     capture: int = 0
+    probes: tuple[tuple[int, str], ...] = ()
+    gate: int | None = None
+    probe_output: bool = False  # also score the generated tokens
 
 
 NO_ROW = Steering(0, "", None)
 
 
-def steering_args(secret: bytes, name: str | None, slot: int, row_digest: str, top_k: int | None = None,
-                  capture: int = 0) -> dict:
-    """The reserved extra_args that steer a request with one table row, an expert budget and/or
-    capture its routing (signed: clients never see these fields, and cannot produce them)."""
-    return {ARG_NAME: name, ARG_SLOT: slot, ARG_DIGEST: row_digest, ARG_TOP_K: top_k, ARG_CAPTURE: capture,
-            ARG_SIGNATURE: _mac(secret, "row", slot, row_digest, top_k, capture)}
+def _signed_parts(slot, row_digest, budget, capture, probes, gate, probe_output) -> tuple:
+    return ("row", slot, row_digest, budget, capture, json.dumps([list(p) for p in probes]), gate, bool(probe_output))
+
+
+def steering_args(secret: bytes, name: str | None, slot: int, row_digest: str, budget: int | None = None,
+                  capture: int = 0, probes: tuple[tuple[int, str], ...] = (), gate: int | None = None,
+                  probe_output: bool = False) -> dict:
+    """The reserved extra_args that steer a request with one table row, an expert budget, capture its
+    routing and/or score it with probes (signed: clients never see these fields, and cannot produce them)."""
+    probes = tuple((int(s), str(d)) for s, d in probes)
+    parts = _signed_parts(slot, row_digest, budget, capture, probes, gate, probe_output)
+    return {ARG_NAME: name, ARG_SLOT: slot, ARG_DIGEST: row_digest, ARG_TOP_K: budget, ARG_CAPTURE: capture,
+            ARG_PROBES: [list(p) for p in probes], ARG_GATE: gate, ARG_PROBE_OUTPUT: bool(probe_output),
+            ARG_SIGNATURE: _mac(secret, *parts)}
 
 
 def verified_row(extra_args: Mapping | None, secret: bytes | None) -> Steering | None:
@@ -99,19 +123,25 @@ def verified_row(extra_args: Mapping | None, secret: bytes | None) -> Steering |
     """
     if not extra_args or ARG_SLOT not in extra_args:
         return None
-    slot, row_digest, top_k = extra_args.get(ARG_SLOT), extra_args.get(ARG_DIGEST), extra_args.get(ARG_TOP_K)
+    slot, row_digest, budget = extra_args.get(ARG_SLOT), extra_args.get(ARG_DIGEST), extra_args.get(ARG_TOP_K)
     capture, signature = extra_args.get(ARG_CAPTURE, 0), extra_args.get(ARG_SIGNATURE)
+    gate, probe_output = extra_args.get(ARG_GATE), extra_args.get(ARG_PROBE_OUTPUT, False)
     if secret is None:
         raise ValueError("steering fields present but this engine never received the API process's secret")
-    expected = _mac(secret, "row", slot, row_digest, top_k, capture)
+    try:
+        probes = tuple((int(s), str(d)) for s, d in extra_args.get(ARG_PROBES) or ())
+    except (TypeError, ValueError):
+        raise ValueError("steering fields not signed by the API process") from None
+    expected = _mac(secret, *_signed_parts(slot, row_digest, budget, capture, probes, gate, probe_output))
     if not isinstance(signature, str) or not hmac.compare_digest(signature, expected):
         raise ValueError("steering fields not signed by the API process")
-    return Steering(int(slot), str(row_digest), None if top_k is None else int(top_k), int(capture))
+    return Steering(int(slot), str(row_digest), None if budget is None else int(budget), int(capture), probes,
+                    None if gate is None else int(gate), bool(probe_output))
 
 
-def profile_auth(secret: bytes, slot: int, row_digest: str | None) -> str:
-    """Authenticates one RPC_SET_PROFILE call (digest None: clear the row)."""
-    return _mac(secret, "profile", slot, row_digest)
+def profile_auth(secret: bytes, slot: int, row_digest: str | None, kind: str = "profile") -> str:
+    """Authenticates one RPC_SET_PROFILE (or, kind "probe", RPC_SET_PROBE) call (digest None: clear the row)."""
+    return _mac(secret, kind, slot, row_digest)
 
 
 def set_profile_args(secret: bytes, slot: int, profile) -> tuple:
@@ -123,6 +153,15 @@ def set_profile_args(secret: bytes, slot: int, profile) -> tuple:
     row_digest = digest(profile.content_hash())
     rows = {table: values.tolist() for table, values in profile.engine_rows().items()}
     return (slot, rows, row_digest, profile_auth(secret, slot, row_digest))
+
+
+def set_probe_args(secret: bytes, slot: int, probe) -> tuple:
+    """RPC_SET_PROBE's arguments for writing `probe` (a RoutingProbe) into `slot`, or clearing it (None)."""
+    if probe is None:
+        return (slot, None, None, profile_auth(secret, slot, None, "probe"))
+    row_digest = digest(probe.content_hash())
+    rows = {"weight": probe.weight.tolist(), "bias": float(probe.bias), "threshold": float(probe.threshold)}
+    return (slot, rows, row_digest, profile_auth(secret, slot, row_digest, "probe"))
 
 
 # ---- the expert budget: {"top_k": k'} ------------------------------------------------

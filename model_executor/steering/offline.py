@@ -3,7 +3,7 @@
     llm = LLM(model=folder, worker_cls="unipool_serve.model_executor.steering.worker.SteeringWorker")
     steering = OfflineSteering(llm)
     steering.add(profile)                          # a SteeringProfile for this model
-    params = SamplingParams(..., extra_args=steering.extra_args("safe"))       # top_k=1: an expert budget
+    params = SamplingParams(..., extra_args=steering.extra_args("safe"))       # budget=1: an expert budget
     llm.generate([{"prompt_token_ids": ids, "cache_salt": steering.cache_salt("safe")}], params)
 
 Offline there is no API key and no client to distrust: whoever holds the `LLM` holds the
@@ -34,25 +34,27 @@ class OfflineSteering:
         self.rows[profile.name] = (slot, profile)
         return slot
 
-    def _budget(self, name: str | None, top_k: int | None) -> int | None:
+    def _budget(self, name: str | None, budget: int | None) -> int | None:
         """The budget a request runs with, resolved as the enforcement point resolves it."""
         profile_budget = contract.parse_budget(self.rows[name][1].expert_budget) if name is not None else None
-        return contract.effective_budget(top_k, profile_budget, self.model.top_k, self.model.shared_experts)
+        return contract.effective_budget(budget, profile_budget, self.model.top_k, self.model.shared_experts)
 
-    def extra_args(self, name: str | None, top_k: int | None = None) -> dict | None:
-        """SamplingParams.extra_args for profile `name` and/or an expert budget (None, None: unsteered)."""
-        top_k = self._budget(name, top_k)
-        if name is None and top_k is None:
+    def extra_args(self, name: str | None, budget: int | None = None, capture: int = 0) -> dict | None:
+        """SamplingParams.extra_args for profile `name`, an expert budget and/or routing capture
+        (contract.CAPTURE_* flags); None when the request runs plainly."""
+        budget = self._budget(name, budget)
+        if name is None and budget is None and not capture:
             return None
         if name is None:
-            return contract.steering_args(self.secret, None, 0, "", top_k)
+            return contract.steering_args(self.secret, None, 0, "", budget, capture)
         slot, profile = self.rows[name]
-        return contract.steering_args(self.secret, name, slot, contract.digest(profile.content_hash()), top_k)
+        return contract.steering_args(self.secret, name, slot, contract.digest(profile.content_hash()), budget,
+                                      capture)
 
-    def cache_salt(self, name: str | None, user_salt: str | None = None, top_k: int | None = None) -> str | None:
+    def cache_salt(self, name: str | None, user_salt: str | None = None, budget: int | None = None) -> str | None:
         """The prefix-cache salt that keeps this profile's (and budget's) KV blocks apart."""
-        top_k = self._budget(name, top_k)
-        if name is None and top_k is None:
+        budget = self._budget(name, budget)
+        if name is None and budget is None:
             return user_salt
         content = "" if name is None else self.rows[name][1].content_hash()
-        return contract.cache_salt(self.secret, content, user_salt, top_k)
+        return contract.cache_salt(self.secret, content, user_salt, budget)

@@ -43,8 +43,11 @@ from vllm.distributed import get_pp_group
 from vllm.platforms import current_platform
 
 from ..routing_capture import CapturedRequests
+from ..settings import setting
 from . import contract
-from .table import SteeringTable, expand_rows
+from .probing import ProbedRequests, ProbeRows, collect_probed
+from .request_rows import RequestRows
+from .table import SteeringTable
 
 if current_platform.is_cpu():
     from vllm.v1.worker.cpu_worker import CPUWorker as _PlatformWorker
@@ -52,73 +55,6 @@ else:
     from vllm.v1.worker.gpu_worker import Worker as _PlatformWorker
 
 logger = logging.getLogger("unipool_serve.worker")
-
-
-class RequestRows:
-    """Each request's verified steering (row and budget), by whatever key a model runner tracks
-    requests with."""
-
-    def __init__(self, table: SteeringTable, captured: CapturedRequests | None = None):
-        self.table, self.captured = table, captured
-        self.secret: bytes | None = None
-        self._rows: dict[Hashable, contract.Steering | None] = {}
-        self._warned: set[Hashable] = set()
-
-    def _warn(self, key: Hashable, message: str, *args) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.error("request %s: " + message + ": served unsteered", key, *args)
-
-    def admit(self, key: Hashable, sampling_params) -> None:
-        """Verify a request's steering fields once, when it enters the batch."""
-        extra = sampling_params.extra_args if sampling_params is not None else None  # None: pooling
-        try:
-            self._rows[key] = contract.verified_row(extra, self.secret)
-        except ValueError as exc:
-            self._rows[key] = None
-            self._warn(key, "%s", exc)
-        verified = self._rows[key]
-        if verified is not None and verified.capture and self.captured is not None:
-            self.captured.admit(key, verified.capture, getattr(sampling_params, "routed_experts_prompt_start", 0))
-        if self._rows[key] is None and extra and contract.REQUEST_FIELD in extra:
-            self._warn(key, "asks for steering %r, which no enforcement point resolved (run unipool-serve, "
-                       "or set VLLM_PLUGINS=unipool,unipool_api)", extra[contract.REQUEST_FIELD])
-
-    def forget(self, key: Hashable) -> None:
-        self._rows.pop(key, None)
-        self._warned.discard(key)
-
-    def known(self, key: Hashable) -> bool:
-        return key in self._rows
-
-    def prune(self, live) -> None:
-        """Forget the requests not in `live` (a container of keys)."""
-        for key in [k for k in self._rows if k not in live]:
-            self.forget(key)
-        if self.captured is not None:
-            self.captured.prune(live)
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def steering(self, key: Hashable) -> contract.Steering:
-        """What this request runs under this step (unsteered when its row was rewritten since)."""
-        verified = self._rows.get(key)
-        if verified is None:
-            return contract.NO_ROW
-        if not self.table.holds(verified.row, verified.digest):
-            self._warn(key, "steering row %s no longer holds profile digest %s", verified.row, verified.digest)
-            return contract.NO_ROW
-        return verified
-
-    def per_token(self, keys, query_start_loc) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(rows, budgets) of each token of the step, or None for what no request of it uses."""
-        steering = [self.steering(k) for k in keys]
-        rows = np.fromiter((s.row for s in steering), dtype=np.int32, count=len(steering))
-        budgets = np.fromiter((self.table.top_k if s.top_k is None else s.top_k for s in steering),
-                              dtype=np.int32, count=len(steering))
-        return (expand_rows(rows, query_start_loc) if rows.any() else None,
-                expand_rows(budgets, query_start_loc) if (budgets != self.table.top_k).any() else None)
 
 
 class V1StepHook:
@@ -129,7 +65,7 @@ class V1StepHook:
         original = runner._model_forward
 
         def model_forward(input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **kw):
-            self.write((input_ids if input_ids is not None else inputs_embeds).shape[0])
+            self.write((input_ids if input_ids is not None else inputs_embeds).shape[0], positions)
             out = original(input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors,
                            inputs_embeds=inputs_embeds, **kw)
             self.collect(positions)
@@ -137,26 +73,32 @@ class V1StepHook:
 
         runner._model_forward = model_forward  # instance attribute: only this runner is affected
 
-    def write(self, num_tokens: int) -> None:
+    def write(self, num_tokens: int, positions=None) -> None:
         batch = self.runner.input_batch
         req_ids = batch.req_ids[: batch.num_reqs]
         for req_id in req_ids:
             if not self.rows.known(req_id):
-                self.rows.admit(req_id, self.runner.requests[req_id].sampling_params)
+                request = self.runner.requests[req_id]
+                self.rows.admit(req_id, request.sampling_params, len(getattr(request, "prompt_token_ids", None) or ()))
         if len(self.rows) > 2 * len(req_ids) + 64:  # forget requests that have left the engine
             self.rows.prune(self.runner.requests)
-        self.rows.table.fill_index(num_tokens, *self.rows.per_token(req_ids, self.runner.query_start_loc.np))
+        gated = positions is not None and any(self.rows.gate_from(r) is not None for r in req_ids)
+        token_positions = positions[:num_tokens].cpu().numpy() if gated else None
+        self.rows.table.fill_index(num_tokens, *self.rows.per_token(req_ids, self.runner.query_start_loc.np,
+                                                                    token_positions))
 
     def collect(self, positions) -> None:
-        """After the forward: the capturing requests' rows of this step, by token position."""
-        captured = self.rows.captured
-        if captured is None or positions is None:
+        """After the forward: the capturing and probed requests' routing of this step, by token position."""
+        captured, probed = self.rows.captured, self.rows.probed
+        if positions is None or (captured is None and probed is None):
             return
         batch, starts = self.runner.input_batch, self.runner.query_start_loc.np
-        spans = [(r, int(starts[i]), int(starts[i + 1])) for i, r in enumerate(batch.req_ids[: batch.num_reqs])
-                 if captured.wants(r)]
-        if spans:
-            captured.collect(spans, positions)
+        req_ids = batch.req_ids[: batch.num_reqs]
+        spans = [(r, int(starts[i]), int(starts[i + 1])) for i, r in enumerate(req_ids)]
+        if captured is not None and (capturing := [s for s in spans if captured.wants(s[0])]):
+            captured.collect(capturing, positions)
+        if probed is not None and (probing := [s for s in spans if probed.wants(s[0])]):
+            collect_probed(probed, probing, positions)
 
 
 class V2StepHook:
@@ -168,7 +110,8 @@ class V2StepHook:
         add, remove, prepare = state.add_request, state.remove_request, state.prepare_inputs
 
         def add_request(req_index, new_req_data):
-            self.rows.admit(req_index, new_req_data.sampling_params)
+            self.rows.admit(req_index, new_req_data.sampling_params,
+                            len(getattr(new_req_data, "prompt_token_ids", None) or ()))
             return add(req_index, new_req_data)
 
         def remove_request(req_id):
@@ -199,9 +142,12 @@ class SteeringWorker(_PlatformWorker):
 
             attach(model, self.vllm_config)
         capture = getattr(model, "routing_capture", None)
-        captured = CapturedRequests(capture, capture.logits.shape[-1]) if capture is not None and capture.enabled \
-            else None
-        self._steering_rows = RequestRows(model.steering, captured)
+        captures = capture is not None and capture.enabled
+        captured = CapturedRequests(capture, capture.logits.shape[-1]) if captures else None
+        self._probe_rows = ProbeRows(len(capture.layers), capture.logits.shape[-1],
+                                     setting("UNIPOOL_MAX_PROBES")) if captures else None
+        probed = ProbedRequests(self._probe_rows, capture) if captures else None
+        self._steering_rows = RequestRows(model.steering, captured, probed)
         if hasattr(runner, "_model_forward"):
             V1StepHook(runner, self._steering_rows)
         elif hasattr(runner, "model_state"):
@@ -275,6 +221,18 @@ class SteeringWorker(_PlatformWorker):
         else:
             self._table().set_row(slot, rows, row_digest)
 
+    def unipool_set_probe(self, slot: int, rows: dict | None, row_digest: str | None, auth: str) -> None:
+        """Write (or clear, when rows is None) one probe row; `auth` proves the caller."""
+        secret = self._steering_rows.secret
+        if secret is None or not hmac.compare_digest(auth, contract.profile_auth(secret, slot, row_digest, "probe")):
+            raise PermissionError("probe rows are written only by the API process that set the secret")
+        if self._probe_rows is None:
+            raise RuntimeError("this engine does not capture routing, so it cannot run probes")
+        if rows is None:
+            self._probe_rows.clear_row(slot)
+        else:
+            self._probe_rows.set_row(slot, rows, row_digest)
+
     def unipool_routing_stats(self):
         """Cumulative token-slots per (layer, expert) as nested lists, [L, E]."""
         return self.model_runner.get_model().routing_counts.counts.cpu().tolist()
@@ -285,9 +243,17 @@ class SteeringWorker(_PlatformWorker):
         return list(capture.layers) if capture is not None and capture.enabled else None
 
     def unipool_take_capture(self, request_ids: list[str]):
-        """{request id: (experts .npy bytes or None, logits .npy bytes or None)}, forgotten afterwards."""
-        captured = self._steering_rows.captured
-        return {} if captured is None else captured.take(list(request_ids))
+        """{request id: {"experts": .npy bytes or None, "logits": .npy bytes or None, "probes": {row: scores}
+        or None}} of finished requests, forgotten afterwards."""
+        rows = self._steering_rows
+        captured = {} if rows.captured is None else rows.captured.take(list(request_ids))
+        taken = {}
+        for request_id in request_ids:
+            experts, logits = captured.get(request_id, (None, None))
+            probes = None if rows.probed is None else rows.probed.take(request_id)
+            if experts is not None or logits is not None or probes is not None:
+                taken[request_id] = {"experts": experts, "logits": logits, "probes": probes}
+        return taken
 
     def unipool_steering_rows(self):
         """Which rows hold which profile digest (for tests and debugging)."""

@@ -43,8 +43,8 @@ def test_a_compiled_engine_runs_idle_steps_on_the_unsteered_variant(tiny_model_f
         _, idle, idle_steps = _profiled(llm, steering, None)
         _, _, steered_steps = _profiled(llm, steering, "no-e0")
         _, budgeted, budgeted_steps = _profiled(llm, type("Budget", (), {  # a budget alone reads the tables too
-            "extra_args": lambda self, name: steering.extra_args(None, top_k=1),
-            "cache_salt": lambda self, name: steering.cache_salt(None, top_k=1)})(), "budget")
+            "extra_args": lambda self, name: steering.extra_args(None, budget=1),
+            "cache_salt": lambda self, name: steering.cache_salt(None, budget=1)})(), "budget")
         breaks = llm.collective_rpc(step_profiler.graph_breaks)[0]
     finally:
         stop_engine(llm)

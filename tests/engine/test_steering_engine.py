@@ -80,7 +80,7 @@ def _generate(llm, prompt_ids, names, profiles, budgets=None):
                                      extra_args=steering.extra_args(name, budget) if steered else None))
         request = {"prompt_token_ids": p}
         if steered:
-            request["cache_salt"] = steering.cache_salt(name, top_k=budget)
+            request["cache_salt"] = steering.cache_salt(name, budget=budget)
         inputs.append(request)
     return [list(o.outputs[0].token_ids) for o in llm.generate(inputs, params, use_tqdm=False)]
 

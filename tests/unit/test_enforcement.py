@@ -82,7 +82,7 @@ def test_a_bound_key_runs_under_its_profile_without_asking():
     sent = _submit(core, _request(), RequestContext(bound="a"))
     active = store.by_name["a"]
     row_digest = contract.digest(active.content_hash)
-    assert contract.verified_row(sent.sampling_params.extra_args, SECRET) == (active.slot, row_digest, None, 0)
+    assert contract.verified_row(sent.sampling_params.extra_args, SECRET)[:4] == (active.slot, row_digest, None, 0)
     assert sent.cache_salt == contract.cache_salt(SECRET, active.content_hash, None)
     assert "r1" in active.pinned_by and admitted == ["a"]
 
@@ -145,12 +145,12 @@ def test_expert_budgets_resolve_to_the_smallest_and_are_signed_and_salted():
     capped = SteeringProfile.for_config(cfg2, name="capped", expert_budget={"top_k": 1})
     asyncio.run(store.add(capped, persist=False))
     sent = _submit(core, _request(), RequestContext(budget=1))  # a budget without a profile: row 0
-    assert contract.verified_row(sent.sampling_params.extra_args, SECRET) == (0, "", 1, 0)
+    assert contract.verified_row(sent.sampling_params.extra_args, SECRET)[:4] == (0, "", 1, 0)
     assert sent.cache_salt == contract.cache_salt(SECRET, "", None, 1)
     sent = _submit(core, _request(), RequestContext(bound="capped", budget=2))  # cannot raise its profile's cap
-    assert contract.verified_row(sent.sampling_params.extra_args, SECRET).top_k == 1
+    assert contract.verified_row(sent.sampling_params.extra_args, SECRET).budget == 1
     sent = _submit(core, _request(), RequestContext(budget=0))  # shared expert only: allowed, it has one
-    assert contract.verified_row(sent.sampling_params.extra_args, SECRET).top_k == 0
+    assert contract.verified_row(sent.sampling_params.extra_args, SECRET).budget == 0
     sent = _submit(core, _request(), RequestContext(budget=2))  # the full k is no budget at all
     assert sent.sampling_params.extra_args is None and sent.cache_salt is None
     with pytest.raises(VLLMValidationError, match="exceeds the model's top_k=2"):

@@ -13,7 +13,8 @@ import torch
 
 from unipool_serve.model_executor.steering import contract
 from unipool_serve.model_executor.steering.table import SteeringTable
-from unipool_serve.model_executor.steering.worker import RequestRows, V1StepHook, V2StepHook
+from unipool_serve.model_executor.steering.request_rows import RequestRows
+from unipool_serve.model_executor.steering.worker import V1StepHook, V2StepHook
 
 SECRET = b"w" * 32
 

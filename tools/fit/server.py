@@ -97,13 +97,17 @@ class ServerSource:
         return tokens
 
     # ---- capture --------------------------------------------------------------
-    def capture(self, examples: Sequence[Example], progress: bool = True) -> list[torch.Tensor]:
+    def capture(self, examples: Sequence[Example], progress: bool = True,
+                whole_prompt: bool = False) -> list[torch.Tensor]:
         traces = []
         for example in tqdm(examples, desc=f"capture ({self.url})", unit="example", disable=not progress):
             body = {"model": self.model, "max_tokens": 1, "temperature": 0, "return_router_logits": True}
             if example.prompt is not None:
                 start, end, expected = 0, None, None
                 path, body["prompt"] = "/v1/completions", example.prompt
+            elif whole_prompt:
+                start, end, expected = 0, None, None
+                path, body["messages"] = "/v1/chat/completions", example.chat()
             else:
                 full = self._tokens(example.chat())
                 start, end = final_user_span(full, self._tokens(blank_final_user(example)))

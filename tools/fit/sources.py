@@ -36,8 +36,10 @@ class FitSourceError(RuntimeError):
 class LogitsSource(Protocol):
     description: str
 
-    def capture(self, examples: Sequence[Example], progress: bool = True) -> list[torch.Tensor]:
-        """Per example, raw router logits of its captured tokens: [T, L, E] (fp32 or fp16)."""
+    def capture(self, examples: Sequence[Example], progress: bool = True,
+                whole_prompt: bool = False) -> list[torch.Tensor]:
+        """Per example, raw router logits of its captured tokens: [T, L, E] (fp32 or fp16); every prompt
+        token with `whole_prompt` (what a served probe scores), else a chat's final user message."""
 
     def generate(self, examples: Sequence[Example], profile: SteeringProfile | None, max_new_tokens: int,
                  progress: bool = True) -> list[str]:
@@ -86,19 +88,22 @@ class ReferenceSource:
         out = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if isinstance(out, Mapping) else out)
 
-    def token_span(self, example: Example) -> tuple[list[int], int, int]:
+    def token_span(self, example: Example, whole_prompt: bool = False) -> tuple[list[int], int, int]:
         """(prompt token ids, start, end) of the captured tokens."""
         if example.prompt is not None:
             ids = list(self.tokenizer(example.prompt)["input_ids"])
             return ids, 0, len(ids)
         full = self._chat_ids(example.chat())
+        if whole_prompt:
+            return full, 0, len(full)
         return (full, *final_user_span(full, self._chat_ids(blank_final_user(example))))
 
     @torch.no_grad()
-    def capture(self, examples: Sequence[Example], progress: bool = True) -> list[torch.Tensor]:
+    def capture(self, examples: Sequence[Example], progress: bool = True,
+                whole_prompt: bool = False) -> list[torch.Tensor]:
         traces = []
         for example in tqdm(examples, desc="capture (reference model)", unit="example", disable=not progress):
-            ids, start, end = self.token_span(example)
+            ids, start, end = self.token_span(example, whole_prompt)
             x = torch.tensor([ids], device=self.device)
             logits = self.model(input_ids=x, output_router_logits=True, logits_to_keep=1)["router_logits"]
             traces.append(torch.stack(logits, dim=1)[start:end].float().cpu())  # [T, L, E]
