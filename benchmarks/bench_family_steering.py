@@ -13,6 +13,9 @@ tokens/s over the repeats, and the ratios are against plain's median. Compiled b
 (vLLM CPU's torch.compile); --eager for quick runs; --smoke for a tiny, one-repeat check.
 The steered variant also checks, on the routing counts, that its exclude and include profiles
 are honoured (under torch.compile the gate hooks are traced into the graph).
+Beside each rate, the worker's CPU time (user+system) per generated token. The machine must be
+quiet (benchmarks/quiet.py; --force-noisy runs anyway, recorded as noisy), and the engine's
+processes are pinned (benchmarks/engine_layout.py; --no-pin leaves them where they start).
 
 Usage:  .venv/bin/python benchmarks/bench_family_steering.py [--out docs/bench_family_steering.json]
 """
@@ -25,12 +28,20 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import quiet  # noqa: E402
+from engine_layout import EngineLayout  # noqa: E402
 
 WORKER = "unipool_serve.model_executor.steering.worker.SteeringWorker"
 FAMILIES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
@@ -70,6 +81,7 @@ def run_variant(folder: Path, variant: str, args) -> dict:
     kwargs = {} if variant == "plain" else {"worker_cls": WORKER}
     llm = LLM(model=str(folder), dtype="float32", enforce_eager=args.eager, max_model_len=512,
               max_num_seqs=args.requests, max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0, **kwargs)
+    layout = EngineLayout.find(pin=not args.no_pin)
     names = [None] * args.requests
     if variant == "worker-steered":
         steering = OfflineSteering(llm)
@@ -78,17 +90,24 @@ def run_variant(folder: Path, variant: str, args) -> dict:
     params = [SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True,
                              extra_args=steering.extra_args(n) if n else None) for n in names]
     prompt = [{"prompt_token_ids": [3 + (7 * i + j) % 300 for j in range(args.prompt)]} for i in range(args.requests)]
-    rates = []
+    rates, cpu_per_token = [], []
     for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
+        cpu = layout.cpu_times()["worker"]
         start = time.perf_counter()
         outs = llm.generate(prompt, params, use_tqdm=False)
         seconds = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         if repeat:
-            rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / seconds)
-    result = {"tokens_per_s": rates, "median": statistics.median(rates)}
+            rates.append(tokens / seconds)
+            cpu_per_token.append((layout.cpu_times()["worker"] - cpu) / tokens)
+    result = {"tokens_per_s": rates, "median": statistics.median(rates), "worker_cpu_s_per_token": cpu_per_token,
+              "median_worker_cpu_s_per_token": statistics.median(cpu_per_token)}
     if variant == "worker-steered":
         result["steering_honoured"] = steering_honoured(llm, steering, args)
+    result.update(layout=layout.as_dict(), pin_check=layout.verify())
+    layout.release()
     llm.llm_engine.engine_core.shutdown()
+    layout.wait_gone()
     del llm
     gc.collect()
     return result
@@ -125,28 +144,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--eager", action="store_true", help="no torch.compile (quick, not the goal's setting)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, eager, one repeat: checks the script runs")
+    parser.add_argument("--no-pin", action="store_true", help="leave the engine's processes where the kernel puts them")
     parser.add_argument("--out", type=Path)
+    quiet.add_arguments(parser)
     args = parser.parse_args()
     if args.smoke:
         args.layers, args.hidden, args.width, args.requests, args.prompt, args.tokens, args.repeats, args.eager = (
             2, 64, 64, 4, 8, 8, 1, True)
+    before = quiet.check(args.force_noisy, wait_s=args.wait_quiet)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in FAMILIES:
             folder = write_model(Path(tmp), arch, args)
             results[arch] = {v: run_variant(folder, v, args) for v in VARIANTS}
-    print(f"{'family':<22} {'variant':<16} {'median tok/s':>13} {'vs plain':>9}")
+    print(f"{'family':<22} {'variant':<16} {'median tok/s':>13} {'vs plain':>9} {'CPU ms/tok':>11}")
     for arch, by_variant in results.items():
         base = by_variant["plain"]["median"]
         for variant, r in by_variant.items():
             r["ratio"] = r["median"] / base
             honoured = {True: "  steering honoured", False: "  STEERING NOT HONOURED"}.get(r.get("steering_honoured"), "")
-            print(f"{arch:<22} {variant:<16} {r['median']:>13.1f} {r['ratio']:>9.3f}{honoured}")
+            print(f"{arch:<22} {variant:<16} {r['median']:>13.1f} {r['ratio']:>9.3f} "
+                  f"{1000 * r['median_worker_cpu_s_per_token']:>11.3f}{honoured}")
     if args.out:
         meta = {k: getattr(args, k) for k in ("layers", "hidden", "width", "top_k", "requests", "prompt", "tokens",
-                                              "repeats", "eager", "smoke")}
+                                              "repeats", "eager", "smoke", "no_pin")}
         meta.update(machine=platform.machine(), cpus=os.cpu_count(), load_avg=os.getloadavg(),
-                    statistic="median output tokens/s over repeats (one warm-up round not counted)")
+                    statistic="median output tokens/s over repeats (one warm-up round not counted); worker CPU "
+                              "s per token: the worker's user+system CPU time over the generated tokens",
+                    noisy=before["noisy"], quiet_before=before, quiet_after=quiet.after(before))
         args.out.write_text(json.dumps({"settings": meta, "results": results}, indent=2) + "\n")
 
 

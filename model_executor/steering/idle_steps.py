@@ -16,6 +16,7 @@ run time. The worker's warm-up runs each dummy step both ways, so both variants 
 (and, where vLLM captures CUDA graphs, captured) before the engine serves (steering/worker.py).
 Our own model dispatches through it (vllm_model.py); for vLLM's families the hooks read the same
 flag and their model's inner module dispatches through it (steering/family_hooks.py).
+`always_read`, a benchmark switch (benchmarks/bench_idle_seam.py): every step on the steered model, as before.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class UnsteeredVariant(nn.Module):
 class IdleSteps:
     """Runs each step on the model (`run_model`, the inner module's own call) or on its unsteered variant."""
 
+    # benchmarks: every step on the steered variant even when nobody steers, as the model ran before the
+    # unsteered variant existed (its rows then reset each step: row 0, full k, as fill_index did)
+    always_read: bool = False
+
     def __init__(self, inner: nn.Module, table: SteeringTable, vllm_config, run_model: Callable | None = None):
         self.table = table
         self.run_model = run_model or inner.__call__
@@ -67,7 +72,10 @@ class IdleSteps:
                 self.variant = UnsteeredVariant(vllm_config=vllm_config, inner=inner)
 
     def __call__(self, *args, **kwargs):
-        if self.variant is None or self.table.step_reads:
+        if self.variant is None or self.table.step_reads or self.always_read:
+            if self.always_read and not self.table.step_reads:  # no stale row or budget of an earlier step
+                self.table.index.zero_()
+                self.table.budget.fill_(self.table.top_k)
             self.steps["read"] += 1
             return self.run_model(*args, **kwargs)
         self.steps["unread"] += 1
