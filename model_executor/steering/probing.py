@@ -19,6 +19,7 @@ not gated; nothing of a probe's work runs on the device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -38,7 +39,7 @@ class ProbeRow:
 
     def score(self, mean_distribution: np.ndarray) -> float:
         z = float((self.weight * mean_distribution).sum()) + self.bias
-        return 1.0 / (1.0 + np.exp(-z)) if z > -700 else 0.0
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
 
 class ProbeRows:
@@ -142,10 +143,11 @@ class ProbedRequests:
         taken = {}
         for slot, digest in request.probes:
             row, score = self._row(slot, digest), request.scores.get(slot, float("nan"))
-            entry = {"score": score, "fired": bool(row is not None and score >= row.threshold)}
+            # plain floats and bools: the answer crosses vLLM's msgpack RPC
+            entry = {"score": float(score), "fired": bool(row is not None and score >= row.threshold)}
             if request.output and request.output_tokens and row is not None:
                 output_score = row.score(request.output_sum / len(request.output_tokens))
-                entry |= {"output_score": output_score, "output_fired": output_score >= row.threshold}
+                entry |= {"output_score": float(output_score), "output_fired": bool(output_score >= row.threshold)}
             taken[slot] = entry
         return taken
 
