@@ -238,9 +238,11 @@ class SteeringWorker(_PlatformWorker):
         return self.model_runner.get_model().routing_counts.counts.cpu().tolist()
 
     def unipool_capture_layers(self):
-        """The decoder layer of each row of a routing capture, or None when this engine cannot capture."""
+        """The decoder layer of each row of a routing capture, or None when this engine cannot capture (no
+        buffers, or the V2 runner, whose hook copies nothing out: capture and probes are then refused)."""
         capture = getattr(self.model_runner.get_model(), "routing_capture", None)
-        return list(capture.layers) if capture is not None and capture.enabled else None
+        v1 = hasattr(self.model_runner, "_model_forward")
+        return list(capture.layers) if capture is not None and capture.enabled and v1 else None
 
     def unipool_take_capture(self, request_ids: list[str]):
         """{request id: {"experts": .npy bytes or None, "logits": .npy bytes or None, "probes": {row: scores}
