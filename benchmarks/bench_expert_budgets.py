@@ -85,7 +85,7 @@ def quality_vs_pool_size(sizes: list[int], docs_per_kind: int, prompts: int) -> 
     return rows
 
 
-def speed_vs_budget(budgets: list[int], batch: int, tokens: int, repeats: int) -> list[dict]:
+def speed_vs_budget(budgets: list[int], batch: int, tokens: int, repeats: int, in_process: bool = False) -> list[dict]:
     import os
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -99,7 +99,7 @@ def speed_vs_budget(budgets: list[int], batch: int, tokens: int, repeats: int) -
                               num_experts=32, num_experts_per_tok=4, expert_intermediate_size=512,
                               router_type="softmax", norm_topk_prob=True)
     llm = start_engine(folder, worker_cls="unipool_serve.model_executor.steering.worker.SteeringWorker",
-                       max_num_seqs=batch)
+                       max_num_seqs=batch, in_process=in_process)
     try:
         steering = OfflineSteering(llm)
         prompts = [{"prompt_token_ids": [3 + (i * 7 + j) % 200 for j in range(32)]} for i in range(batch)]
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         "quality_vs_pool_size": quality_vs_pool_size(sizes, docs_per_kind=2 if args.smoke else 40,
                                                      prompts=2 if args.smoke else 40),
         "speed_vs_budget": speed_vs_budget([4, 2, 1], batch=4 if args.smoke else 32, tokens=4 if args.smoke else 48,
-                                           repeats=1 if args.smoke else 5),
+                                           repeats=1 if args.smoke else 5, in_process=args.smoke),
         "memory_vs_pool_size": memory_vs_pool_size(sizes, budget_gib=0.05),
         "smoke": args.smoke,
     }

@@ -35,12 +35,13 @@ LAYOUTS = {  # name -> (layers_per_pool, layers_per_router)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="the global layout only, 4 layers, tiny pools: proves the script runs")
+    p.add_argument("--smoke", action="store_true", help="the global layout only, 4 layers, tiny pools, the engine core "
+                   "in this process (engine_checks.start_engine): proves the script runs")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "pipeline-memory.json")
     return p.parse_args(argv)
 
 
-def pool_bytes_per_stage(model_dir: Path, pp: int) -> list[dict]:
+def pool_bytes_per_stage(model_dir: Path, pp: int, in_process: bool = False) -> list[dict]:
     from engine_checks import env, start_engine, stop_engine
 
     from unipool_serve.model_executor.introspection import pool_report
@@ -48,7 +49,7 @@ def pool_bytes_per_stage(model_dir: Path, pp: int) -> list[dict]:
     binding = "|".join(str(i) for i in range(pp))  # one OpenMP thread per rank: 2 ranks fit 2 cores
     with env(VLLM_CPU_OMP_THREADS_BIND=binding):
         # the steering worker, as `unipool-serve` runs it: it allocates a later stage's receive buffers
-        llm = start_engine(model_dir, pipeline_parallel_size=pp, worker_cls=WORKER,
+        llm = start_engine(model_dir, pipeline_parallel_size=pp, worker_cls=WORKER, in_process=in_process,
                            distributed_executor_backend="mp" if pp > 1 else None)
     try:
         stages = []
@@ -84,8 +85,8 @@ def main(argv=None) -> None:
             config = UniPoolConfig.from_pretrained(str(model_dir))
             width = -(-config.expert_intermediate_size // 32) * 32
             one_pool = config.num_experts * 3 * width * config.hidden_size * 4
-            single = pool_bytes_per_stage(model_dir, 1)[0]["bytes"]
-            stages = pool_bytes_per_stage(model_dir, 2)
+            single = pool_bytes_per_stage(model_dir, 1, in_process=args.smoke)[0]["bytes"]
+            stages = pool_bytes_per_stage(model_dir, 2, in_process=args.smoke)
             for stage, measured in enumerate(stages):
                 closed = len({config.layer_to_pool(l) for l in measured["layers"]}) * one_pool
                 rows.append({"layout": name, "stage": stage, "layers": measured["layers"], "pools": measured["pools"],

@@ -1,4 +1,5 @@
-"""Engine tests: one vLLM CPU engine at a time, shared by the tests of a module.
+"""Engine tests: one vLLM CPU engine at a time, shared by the tests of a module, its engine core
+in the pytest process (engine_checks.start_engine; TP/PP 2 workers are still spawned).
 
 Environment for every engine started here (set before vLLM is imported):
   VLLM_CPU_KVCACHE_SPACE=1               1 GiB of KV cache is plenty for tiny models

@@ -32,22 +32,114 @@ def prompts(seed: int = 1, lengths=PROMPT_LENGTHS, vocab: int = 300) -> list[lis
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def start_engine(path: Path, **overrides):
+def start_engine(path: Path, *, in_process: bool = True, **overrides):
+    """An `LLM` on `path` (ENGINE_KWARGS, then `overrides`).
+
+    in_process (the default): vLLM's engine core runs in this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0), and so does the worker at tensor and pipeline parallel 1
+    (vLLM's CPU platform then keeps its in-process executor); at TP/PP 2 the workers are still
+    spawned processes. This saves one or two spawned processes, each of which imports torch and
+    vLLM again. Nothing these tests check depends on where the engine core runs; the process
+    architecture itself is the server tests' (tests/server, tests/reliability). `worker_cls`
+    applies in-process too: the worker class actually running is checked here. The process-wide
+    state an in-process engine changes (torch's thread count and its set_num_threads, vLLM's
+    environment cache, the frozen GC heap, torch.distributed, torch.compile's caches, the global
+    RNGs, environment variables vLLM sets) is put back by stop_engine.
+    """
     from vllm import LLM
 
-    return LLM(model=str(path), **{**ENGINE_KWARGS, **overrides})
+    kwargs = {**ENGINE_KWARGS, **overrides}
+    if not in_process:
+        return LLM(model=str(path), **kwargs)
+    import vllm.envs
+
+    gc.collect()  # an engine stopped earlier in this process is released before the next one starts
+    vllm.envs.disable_envs_cache()  # read this engine's environment, not the previous engine's
+    restore = _process_state()
+    before = dict(os.environ)
+    try:
+        with env(VLLM_ENABLE_V1_MULTIPROCESSING=0):
+            llm = LLM(model=str(path), **kwargs)
+    except BaseException:
+        _restore_env(before, dict(os.environ))
+        restore()
+        raise
+    changed_env = dict(os.environ)
+    _TORCH_SET_NUM_THREADS(1)  # as vLLM runs its engine processes ("Reducing Torch threads ... for serving")
+
+    def restore_all():
+        _restore_env(before, changed_env)
+        restore()
+
+    llm.unipool_restore_process = restore_all
+    return _check_worker(llm, kwargs.get("worker_cls"))
 
 
 def stop_engine(llm) -> None:
+    restore = getattr(llm, "unipool_restore_process", None)
     with contextlib.suppress(Exception):
         llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
+    if restore is not None:
+        restore()
+
+
+def _worker_class(wrapper) -> str:
+    worker = getattr(wrapper, "worker", wrapper)  # vLLM's WorkerWrapperBase holds the worker
+    return f"{type(worker).__module__}.{type(worker).__qualname__}"
+
+
+def _check_worker(llm, worker_cls: str | None):
+    """The worker class every rank runs in-process is the one asked for (vLLM's CPU platform picks
+    the executor differently in-process: this shows `worker_cls` still applies)."""
+    if worker_cls is not None:
+        assert set(llm.collective_rpc(_worker_class)) == {worker_cls}, llm.collective_rpc(_worker_class)
+    return llm
+
+
+_TORCH_SET_NUM_THREADS = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op in its process
+
+
+def _process_state():
+    """Snapshot what an in-process engine changes in this process; returns the function that puts it back."""
+    import random
+
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+
+    def restore():
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        # vLLM's own test cleanup: its environment cache off, the GC heap unfrozen, the model-parallel
+        # groups and torch.distributed destroyed, a collection
+        cleanup_dist_env_and_memory()
+        torch._dynamo.reset()  # a compiled engine's graphs and guards go with it
+        torch.set_num_threads = _TORCH_SET_NUM_THREADS
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+
+    return restore
+
+
+def _restore_env(before: dict[str, str], after: dict[str, str]) -> None:
+    """Undo the environment variables changed between `before` and `after` (vLLM's own settings)."""
+    for key in set(before) | set(after):
+        if before.get(key) != after.get(key):
+            if key in before:
+                os.environ[key] = before[key]
+            else:
+                os.environ.pop(key, None)
 
 
 @contextlib.contextmanager
 def env(**values):
-    """Temporarily set environment variables (the spawned engine processes inherit them)."""
+    """Temporarily set environment variables (read by an engine started inside: an in-process one
+    reads them here, spawned workers inherit them)."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update({k: str(v) for k, v in values.items()})
     try:
