@@ -54,3 +54,21 @@ def pytest_addoption(parser):
                     help="run tests/image against this built CPU image (root, buildah; `make image-test`); "
                          "without it they are skipped")
     group.addoption("--image-report", metavar="PATH", help="write what tests/image measured as JSON to PATH")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After a test's own teardown: stop the servers shared across modules (server_launcher.shared)
+    that the next test's module does not use (SHARED_SERVERS, a tuple of names); all after the last test."""
+    result = yield
+    from server_launcher import stop_shared
+
+    stop_shared(keep=getattr(getattr(nextitem, "module", None), "SHARED_SERVERS", ()) if nextitem else ())
+    return result
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Nothing shared outlives the session (an interrupted run included)."""
+    from server_launcher import stop_shared
+
+    stop_shared()

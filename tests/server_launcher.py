@@ -1,4 +1,9 @@
-"""Start a real `unipool-serve` process for a test module and wait until /ready says 200."""
+"""Start a real `unipool-serve` process for a test module and wait until /ready says 200.
+
+`shared(name, start)` keeps one server (any context manager's value) for several test modules in
+a row: the first module that asks starts it, and tests/conftest.py stops it as soon as the next
+test to run belongs to a module that does not list `name` in its SHARED_SERVERS.
+"""
 
 from __future__ import annotations
 
@@ -66,6 +71,30 @@ def run_server(args: list[str], log: Path, env: dict[str, str] | None = None, py
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+_SHARED: dict[str, tuple[contextlib.ExitStack, object]] = {}
+
+
+def shared(name: str, start):
+    """The value of `start()` (a context manager) entered once under `name`, for every module that lists
+    `name` in its SHARED_SERVERS; stopped by stop_shared (tests/conftest.py calls it)."""
+    if name not in _SHARED:
+        stack = contextlib.ExitStack()
+        try:
+            value = stack.enter_context(start())
+        except BaseException:
+            stack.close()
+            raise
+        _SHARED[name] = (stack, value)
+    return _SHARED[name][1]
+
+
+def stop_shared(keep=()) -> None:
+    """Stop every shared server whose name is not in `keep`."""
+    for name in [n for n in _SHARED if n not in keep]:
+        stack, _ = _SHARED.pop(name)
+        stack.close()
 
 
 def start_streams(url: str, count: int, body: dict, headers: dict[str, str] | None = None):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_launcher import run_server
+from server_launcher import run_server, shared
 
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 
@@ -136,7 +136,17 @@ def start(tmp_path_factory, model: Path, extra_args: list[str], env: dict[str, s
     return _Started()
 
 
+# The server test_security.py and test_server.py share (one start for both; SHARED_SERVERS in each).
+# Every flag-gated route vLLM 0.32 has is on (dev mode, scale-out, the Cohere API: the security tests
+# try every route of the live app) and prefix caching with 32-token blocks (the cache-poisoning tests).
+# test_server.py's exact routing counts use prompts shorter than one block, which the prefix cache
+# never serves; each test that uploads profiles uses names of its own and deletes them again.
+MAIN_SERVER = "main"
+MAIN_SERVER_ARGS = ["--enable-prefix-caching", "--block-size", "32", "--enable-scale-out"]
+MAIN_SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_COHERE_API": "1"}
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_factory, tmp_path_factory):
-    with start(tmp_path_factory, tiny_model_factory("server-model", seed=0), ["--no-enable-prefix-caching"]) as s:
-        yield s
+    model = tiny_model_factory("main-server-model", seed=3)
+    return shared(MAIN_SERVER, lambda: start(tmp_path_factory, model, MAIN_SERVER_ARGS, env=MAIN_SERVER_ENV))

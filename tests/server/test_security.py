@@ -1,11 +1,12 @@
 """A key bound to a profile cannot escape it on any route of the live app, and nobody can poison
 another user's prefix cache.
 
-The server runs with every flag-gated route vLLM 0.32 has on (dev mode, scale-out, the Cohere
-API) and with prefix caching on. The route list is read from the live app at test time, so a
-vLLM upgrade that adds a route is tried like the others. The bound key's profile (`only-e5`)
-routes every token of every layer to expert 5, so a request that reached the engine unsteered,
-or under another profile, shows in the routing counts whatever the model's weights are.
+The server (server_process.py's, shared with test_server.py) runs with every flag-gated route
+vLLM 0.32 has on (dev mode, scale-out, the Cohere API) and with prefix caching on (32-token
+blocks). The route list is read from the live app at test time, so a vLLM upgrade that adds a
+route is tried like the others. The bound key's profile (`only-e5`) routes every token of every
+layer to expert 5, so a request that reached the engine unsteered, or under another profile,
+shows in the routing counts whatever the model's weights are.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import pytest
 
 from unipool_serve.server.policy import Access, route_access
 
-from server_process import ADMIN_KEY, API_KEY, BOUND_KEY, start
+from server_process import ADMIN_KEY, API_KEY, BOUND_KEY, MAIN_SERVER
 
 pytestmark = pytest.mark.server
+SHARED_SERVERS = (MAIN_SERVER,)
 MODEL = "tiny"
 MESSAGES = [{"role": "user", "content": "def add(a, b):"}]
 # A body that makes each generation route run the model (3 new tokens).
@@ -50,14 +52,6 @@ ESCAPES = {
     "n2": {"n": 2, "temperature": 1.0},
     "beam-search": {"use_beam_search": True, "n": 2},
 }
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_factory, tmp_path_factory):
-    model = tiny_model_factory("security-model", seed=3)
-    with start(tmp_path_factory, model, ["--enable-prefix-caching", "--block-size", "32", "--enable-scale-out"],
-               env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_COHERE_API": "1"}) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

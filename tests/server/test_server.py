@@ -1,8 +1,9 @@
 """`unipool-serve` end to end: a real process, real HTTP, the official `openai` client.
 
-One server for the whole module (engine starts are expensive here). Steering is checked
-through the routing it causes (see server_process.py), never through what the random tiny
-model happens to write. Load, disconnects, hostile input and shutdown are in tests/reliability.
+One server for the whole module, and the same one as test_security.py's (server_process.py;
+engine starts are expensive here). Steering is checked through the routing it causes (see
+server_process.py), never through what the random tiny model happens to write. Load,
+disconnects, hostile input and shutdown are in tests/reliability.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import pytest
 from unipool_serve.demo.tiny_model import tiny_config
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 
-from server_process import ADMIN_KEY, API_KEY, BOUND_KEY, PROMPT, expert_bias
+from server_process import ADMIN_KEY, API_KEY, BOUND_KEY, MAIN_SERVER, PROMPT, expert_bias
 
 pytestmark = pytest.mark.server
+SHARED_SERVERS = (MAIN_SERVER,)
 CONFIG = tiny_config()
 LAYERS, TOP_K = CONFIG.num_hidden_layers, CONFIG.num_experts_per_tok
 
