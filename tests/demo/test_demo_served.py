@@ -1,22 +1,66 @@
-"""The bundled demo model through `unipool-serve` with no --model: vLLM CPU equals the reference,
-and the shipped `prose` profile switches code continuations to prose through real HTTP."""
+"""The bundled demo model through `unipool-serve` with no --model, installed from a wheel (not
+editable): the package finds its demo folder the way the image does, vLLM CPU equals the
+reference, and the shipped `prose` profile switches code continuations to prose through real HTTP.
+
+One server for the module, started from the wheel (the editable install's default folder is
+checked without a server: it is the repository's models/unipool-demo).
+"""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import httpx
 import pytest
 from server_launcher import run_server
 
-from unipool_serve.demo.eval import MAX_NEW_TOKENS, PROMPTS_CODE, greedy_continuations, kind_shares
+from unipool_serve.demo.eval import DEMO_MODEL_DIR, MAX_NEW_TOKENS, PROMPTS_CODE, greedy_continuations, kind_shares
 
 pytestmark = pytest.mark.server
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def wheel_python(tmp_path_factory) -> Path:
+    """A scratch venv holding the project as a wheel, over the project environment's packages."""
+    venv = tmp_path_factory.mktemp("wheel") / "venv"
+    uv = ROOT / ".tools" / "bin" / "uv"
+    subprocess.run([str(uv), "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    source = venv.parent / "source"  # a copy: building in the repository would leave build/ there
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".tools", "build", "*.egg-info", "__pycache__", "tests", "docs", "benchmarks", "deploy"))
+    # The environment's packages via a path entry: its .pth files (the editable install's finder)
+    # are not processed from there, so `unipool_serve` resolves to the wheel only.
+    (site / "project-environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(uv), "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "--no-deps",
+                    "--no-build-isolation", str(source)], check=True, cwd=venv.parent)
+    return venv / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def served(wheel_python, tmp_path_factory):
     log = tmp_path_factory.mktemp("demo-server") / "server.log"
-    with run_server(["--enforce-eager", "--max-num-seqs", "64"], log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
+    with run_server(["--enforce-eager", "--max-num-seqs", "64"], log, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                    python=str(wheel_python), cwd="/") as server:
         yield server
+
+
+def test_the_wheel_locates_the_demo_model_inside_the_package(wheel_python):
+    code = "from unipool_serve.models import DEMO_MODEL; print(DEMO_MODEL); print((DEMO_MODEL / 'config.json').is_file())"
+    out = subprocess.run([str(wheel_python), "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    location, exists = out.stdout.split()
+    assert "site-packages" in location and str(ROOT) not in location and exists == "True"
+
+
+def test_the_editable_install_defaults_to_the_repository_folder():
+    from unipool_serve.models import DEMO_MODEL
+
+    assert DEMO_MODEL == DEMO_MODEL_DIR == ROOT / "models" / "unipool-demo"
 
 
 def _complete(server, prompts, steering=None) -> list[str]:
@@ -33,6 +77,7 @@ def _complete(server, prompts, steering=None) -> list[str]:
 def test_default_model_is_the_demo_with_its_profiles(served):
     assert [m["id"] for m in httpx.get(f"{served.url}/v1/models").json()["data"]] == ["unipool-demo"]
     assert httpx.get(f"{served.url}/ready").json()["steering_profiles"] == ["code", "prose"]
+    assert "site-packages/unipool_serve/models/unipool-demo" in served.log.read_text()  # the wheel's folder
 
 
 def test_served_greedy_continuations_equal_the_reference(served, demo):
