@@ -68,8 +68,12 @@ async def serve(args) -> None:
         async with build_async_engine_client(args) as engine_client:
             placeholder.should_exit = True
             await asyncio.to_thread(thread.join)
-            shutdown_task = await build_and_serve(engine_client, listen_address, sock, args,
-                                                  http=guarded_protocol(settings.header_timeout, settings.send_timeout))
+            # After the drain a connection still open is a stuck one (a client that stopped reading,
+            # a response that never completed): uvicorn would otherwise wait for it for ever.
+            shutdown_task = await build_and_serve(
+                engine_client, listen_address, sock, args,
+                http=guarded_protocol(settings.header_timeout, settings.send_timeout),
+                timeout_graceful_shutdown=max(1, int(getattr(args, "shutdown_timeout", 0) or 0)))
         await shutdown_task
     finally:
         placeholder.should_exit = True

@@ -21,6 +21,7 @@ from server_launcher import run_server, shared
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 
 API_KEY, BOUND_KEY, ADMIN_KEY = "user-key", "kid-key", "admin-key"
+GATED_KEY = "gated-key"  # bound to only-e5 once probe `always` fires, and probe `never` scoring every request
 PROMPT = "def add(a, b):"
 _EXPERT_SAMPLE = re.compile(r'^unipool_expert_tokens_total\{([^}]*)\} (\S+)$', re.MULTILINE)
 
@@ -45,6 +46,20 @@ def write_profiles(steering_dir: Path, config) -> None:
     SteeringProfile.for_config(config, name="push-e5", bias=expert_bias(config, 5, 3.0), alpha=2.0).save(
         steering_dir / "push-e5.safetensors")
     (steering_dir / "broken.safetensors").write_bytes(b"not a profile")
+
+
+def write_probes(probe_dir: Path, config) -> None:
+    """Two probes whose decision does not depend on the model's weights: `always` fires on every prompt,
+    `never` on none (zero weights, a bias of +-12: scores of 1 - 6e-6 and 6e-6)."""
+    import torch
+
+    from unipool_serve.model_executor.steering.probe import RoutingProbe
+
+    probe_dir.mkdir()
+    for name, bias in (("always", 12.0), ("never", -12.0)):
+        RoutingProbe.for_model(config, name=name, weight=torch.zeros(config.num_hidden_layers, config.num_experts),
+                               bias=bias, threshold=0.5, description=f"fires {name}").save(
+            probe_dir / f"{name}.safetensors")
 
 
 class Server:
@@ -116,11 +131,15 @@ def start(tmp_path_factory, model: Path, extra_args: list[str], env: dict[str, s
     """A context manager yielding a Server on `model` with the profiles above and three keys."""
     from unipool_serve.model_executor.config import UniPoolConfig
 
-    steering_dir = tmp_path_factory.mktemp("server") / "steering"
-    write_profiles(steering_dir, UniPoolConfig.from_pretrained(str(model)))
+    folder = tmp_path_factory.mktemp("server")
+    steering_dir, probe_dir = folder / "steering", folder / "probes"
+    config = UniPoolConfig.from_pretrained(str(model))
+    write_profiles(steering_dir, config)
+    write_probes(probe_dir, config)
     log = tmp_path_factory.mktemp("server-log") / "server.log"
-    args = ["--model", str(model), "--steering-dir", str(steering_dir), "--api-key", API_KEY,
-            "--api-key", f"{BOUND_KEY}=only-e5", "--admin-key", ADMIN_KEY, "--grace-period", "20",
+    args = ["--model", str(model), "--steering-dir", str(steering_dir), "--probe-dir", str(probe_dir),
+            "--api-key", API_KEY, "--api-key", f"{BOUND_KEY}=only-e5", "--api-key", f"{GATED_KEY}=only-e5@always+never",
+            "--admin-key", ADMIN_KEY, "--grace-period", "20",
             "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "32", "--served-model-name", "tiny",
             *extra_args]
     process = run_server(args, log, env={"UNIPOOL_METRICS_INTERVAL": "0.5", "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -136,13 +155,14 @@ def start(tmp_path_factory, model: Path, extra_args: list[str], env: dict[str, s
     return _Started()
 
 
-# The server test_security.py and test_server.py share (one start for both; SHARED_SERVERS in each).
+# The server test_security.py, test_server.py and test_server_probes.py share (one start; SHARED_SERVERS in each).
 # Every flag-gated route vLLM 0.32 has is on (dev mode, scale-out, the Cohere API: the security tests
 # try every route of the live app) and prefix caching with 32-token blocks (the cache-poisoning tests).
 # test_server.py's exact routing counts use prompts shorter than one block, which the prefix cache
 # never serves; each test that uploads profiles uses names of its own and deletes them again.
 MAIN_SERVER = "main"
-MAIN_SERVER_ARGS = ["--enable-prefix-caching", "--block-size", "32", "--enable-scale-out"]
+MAIN_SERVER_ARGS = ["--enable-prefix-caching", "--block-size", "32", "--enable-scale-out",
+                    "--enable-prompt-tokens-details"]  # usage.prompt_tokens_details.cached_tokens: prefix hits
 MAIN_SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_COHERE_API": "1"}
 
 
