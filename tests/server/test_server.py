@@ -223,7 +223,8 @@ def test_pool_metrics_count_computed_tokens(server):
         nonlocal computed
         for prompt, n in (("hello world", 5), (PROMPT, 9), ("x = 1", 1)):
             out = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0,
-                                            extra_body={"ignore_eos": True, "steering": "push-e5"})
+                                            extra_body={"ignore_eos": True, "steering": "push-e5",
+                                                        "probes": ["always"]})  # its metrics: listed too
             computed += out.usage.prompt_tokens + out.usage.completion_tokens - 1  # the last token is never fed back
 
     _, routing = server.routing_of(requests)
