@@ -1,5 +1,5 @@
 """The API process's draining shutdown, without an engine: it waits for running requests, and a
-second SIGINT aborts them (the end-to-end stops are tests/reliability/test_lifecycle.py)."""
+second SIGINT aborts them (the end-to-end stops are tests/reliability/test_group_stops.py)."""
 
 from __future__ import annotations
 
