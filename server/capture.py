@@ -27,13 +27,17 @@ Non-streaming: the fields are added to each choice of the JSON body. Streaming: 
 that carries a choice's `finish_reason` carries them; it is held back and sent once the
 request has finished, just before the usage chunk or `data: [DONE]`. The worker keeps the
 rows (model_executor/routing_capture.py); this module takes them from the engine when the
-response ends and writes them in.
+response ends and writes them in. Should the engine not hand them over within
+TAKE_TIMEOUT_S (a stuck or dying engine), each choice gets `routing_capture_error` instead and
+the response still ends: a capture never holds a response open.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 from collections.abc import Awaitable, Callable
 
 from .enforcement import RequestContext
@@ -42,6 +46,8 @@ from .enforcement import RequestContext
 # the decoder layer of each captured row)
 TakeFn = Callable[[list[str]], Awaitable[tuple[dict[str, dict], list[int]]]]
 ProbeScoreFn = Callable[[str, dict], None]  # (probe name, its scores of one request): metrics
+TAKE_TIMEOUT_S = 30.0  # the engine answers in milliseconds; longer means it is stuck or gone
+logger = logging.getLogger(__name__)
 
 
 def _fields(taken: dict | None, layers: list[int], probe_names: dict[int, str]) -> dict:
@@ -73,7 +79,14 @@ class CaptureResponse:
     async def _by_choice(self) -> dict[int, dict]:
         if self.taken is None:
             by_choice = {index: engine_id for (_, index), engine_id in self.ctx.captured.items()}
-            taken, layers = await self.take(list(by_choice.values())) if by_choice else ({}, [])
+            try:
+                taken, layers = (await asyncio.wait_for(self.take(list(by_choice.values())), TAKE_TIMEOUT_S)
+                                 if by_choice else ({}, []))
+            except Exception as error:  # noqa: BLE001 - the text is already generated: answer it without capture
+                logger.warning("routing capture not taken from the engine (%s): %r", type(error).__name__, error)
+                reason = "the engine did not hand over this request's routing capture; the text is complete"
+                self.taken = {index: {"routing_capture_error": reason} for index in by_choice}
+                return self.taken
             self.taken = {index: _fields(taken.get(engine_id), layers, self.ctx.probe_names)
                           for index, engine_id in by_choice.items()}
             if self.on_probe_scores is not None:

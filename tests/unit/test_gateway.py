@@ -146,3 +146,38 @@ def test_policy_refuses_inconsistent_keys():
                                  ([], " root", "surrounding spaces")):
         with pytest.raises(ValueError, match=message):
             AccessPolicy.parse(keys, admin)
+
+
+@pytest.mark.parametrize("failure", ["raises", "hangs"])
+def test_a_capture_the_engine_does_not_hand_over_still_ends_the_response(monkeypatch, failure):
+    """A take that fails or never answers (a stuck engine) must not hold the response open: the body
+    goes out, each choice saying why it has no capture."""
+    import asyncio
+    import json
+
+    from unipool_serve.server import capture
+    from unipool_serve.server.enforcement import RequestContext
+
+    async def take(engine_ids):
+        if failure == "raises":
+            raise RuntimeError("engine gone")
+        await asyncio.Event().wait()  # never answers
+
+    monkeypatch.setattr(capture, "TAKE_TIMEOUT_S", 0.01)
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def respond():
+        ctx = RequestContext(capture=1, captured={("cmpl-1", 0): "engine-1"})
+        wrapped = capture.CaptureResponse(send, ctx, take)
+        body = json.dumps({"choices": [{"index": 0, "text": "hi"}]}).encode()
+        await wrapped({"type": "http.response.start", "status": 200,
+                       "headers": [(b"content-type", b"application/json")]})
+        await wrapped({"type": "http.response.body", "body": body, "more_body": False})
+
+    asyncio.run(respond())
+    choice = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))["choices"][0]
+    assert choice["text"] == "hi" and "routed_experts" not in choice
+    assert "routing capture" in choice["routing_capture_error"]
