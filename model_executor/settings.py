@@ -85,6 +85,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "largest pools x experts for which unipool_expert_tokens_total is exported (per-layer gauges always are)"),
     Setting("UNIPOOL_PUBLIC_PROFILE_DETAILS", _flag, "0",
             "1 shows every key a profile's digest and rows; by default only the admin key sees them"),
+    Setting("UNIPOOL_CONSOLE", _flag, "1", "0 leaves the steering console (/console, docs/console.md) unmounted"),
     Setting("UNIPOOL_MAX_CAPTURE_BYTES", _count, str(64 << 20),
             "largest router-logits capture one request may ask for (bytes)"),
     Setting("UNIPOOL_HEADER_TIMEOUT", _seconds, "30",
@@ -131,12 +132,13 @@ class ServerSettings:
     header_timeout: float = 30.0
     body_timeout: float = 60.0
     send_timeout: float = 60.0
+    console: bool = True  # the steering console at /console
 
     _ENV = {"api_keys": "UNIPOOL_API_KEYS", "admin_key": "UNIPOOL_ADMIN_KEY", "steering_dir": "UNIPOOL_STEERING_DIR",
             "probe_dir": "UNIPOOL_PROBE_DIR",
             "metrics_interval": "UNIPOOL_METRICS_INTERVAL", "public_profile_details": "UNIPOOL_PUBLIC_PROFILE_DETAILS",
             "max_capture_bytes": "UNIPOOL_MAX_CAPTURE_BYTES", "header_timeout": "UNIPOOL_HEADER_TIMEOUT",
-            "body_timeout": "UNIPOOL_BODY_TIMEOUT", "send_timeout": "UNIPOOL_SEND_TIMEOUT"}
+            "body_timeout": "UNIPOOL_BODY_TIMEOUT", "send_timeout": "UNIPOOL_SEND_TIMEOUT", "console": "UNIPOOL_CONSOLE"}
 
     def export(self) -> None:
         """Write these settings into this process's environment (inherited by what it starts)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 APP_STATE = "unipool"  # attribute of app.state
 IS_ADMIN = "unipool_admin"  # key of scope["state"]
+BOUND_PROFILE = "unipool_bound_profile"  # key of scope["state"]
 
 
 @dataclass
@@ -40,3 +41,12 @@ def mark_admin(scope, is_admin: bool) -> None:
 
 def is_admin(scope) -> bool:
     return bool(scope.get("state", {}).get(IS_ADMIN))
+
+
+def mark_bound(scope, profile: str | None) -> None:
+    """The steering profile the caller's key is bound to (None: not bound)."""
+    scope.setdefault("state", {})[BOUND_PROFILE] = profile
+
+
+def bound_profile(scope) -> str | None:
+    return scope.get("state", {}).get(BOUND_PROFILE)

@@ -47,6 +47,9 @@ def our_parser() -> argparse.ArgumentParser:
     parser.add_argument("--public-profile-details", action="store_true",
                         help="show every key the content of the steering profiles (digest, per-layer rows); "
                              "by default only the admin key sees it")
+    parser.add_argument("--no-console", action="store_true",
+                        help="do not serve the steering console at /console (a browser page that runs prompts "
+                             "unsteered and under profiles side by side through this API; docs/console.md)")
     parser.add_argument("--max-capture-bytes", type=int, default=64 << 20,
                         help="largest router-logits capture (return_router_logits) one request may ask for, in "
                              "bytes (default 64 MiB)")
@@ -103,7 +106,7 @@ def server_settings(ours: argparse.Namespace, model: Path) -> ServerSettings:
                           public_profile_details=ours.public_profile_details, max_capture_bytes=ours.max_capture_bytes,
                           metrics_interval=ServerSettings.from_env().metrics_interval,
                           header_timeout=ours.header_timeout, body_timeout=ours.body_timeout,
-                          send_timeout=ours.send_timeout)
+                          send_timeout=ours.send_timeout, console=not ours.no_console)
 
 
 def _configure_environment(settings: ServerSettings) -> None:

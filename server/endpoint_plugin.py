@@ -5,7 +5,8 @@ it, and since that variable also filters the general plugins, name both:
 `VLLM_PLUGINS=unipool,unipool_api`. Its settings are model_executor/settings.py's
 ServerSettings (unipool-serve writes them from its flags).
 
-  attach_router  our routes (steering profiles, /ready) and the gateway middleware
+  attach_router  our routes (steering profiles, /ready, the steering console unless --no-console)
+                 and the gateway middleware
   init_state     the engine-side secret, the profile store, the enforcement point wrapped
                  around the engine client, the pool metrics, the shutdown hook; routes that
                  cannot serve this model are unmounted; /ready turns 200 at the end
@@ -56,6 +57,10 @@ class UniPoolEndpointPlugin:
 
         self.app = app
         app.include_router(router)  # profiles, probes, /ready
+        if self.settings.console:
+            from .console import router as console_router
+
+            app.include_router(console_router)  # the steering console: a page and its assets, no data
         attach_state(app, ServerState(self.policy, self.settings, self.unavailable))
         app.add_middleware(APIGateway, router=app.router, policy=self.policy,
                            on_steering_error=self._count_error, on_metrics_scrape=self._refresh_metrics,

@@ -27,7 +27,7 @@ from starlette.routing import Match
 
 from unipool_serve.model_executor.steering import contract
 
-from .app_state import mark_admin
+from .app_state import mark_admin, mark_bound
 from .capture import CaptureResponse, ProbeScoreFn, TakeFn
 from .enforcement import CURRENT_REQUEST, RequestContext, SteeringRefused, resolve_gate, resolve_profile
 from .errors import APIError, envelope_errors, send_openai_error
@@ -80,6 +80,7 @@ class APIGateway:
             caller = self.policy.identify(dict(scope.get("headers") or []))
             self.policy.check(access, caller)
             mark_admin(scope, caller.is_admin)
+            mark_bound(scope, caller.bound)
             ctx, replay = RequestContext.of(caller), receive
             if scope["type"] == "http" and scope["method"] in BODY_METHODS:
                 body = await read_body(receive, self.body_timeout)

@@ -1,7 +1,7 @@
 """Who may call what: API keys, their bound profiles, the admin key, and the class of every route.
 
 Every route of the live app falls in one class, looked up by its path template:
-  open   no key needed (probes, metrics, API docs);
+  open   no key needed (probes, metrics, API docs, the steering console's page and assets);
   user   any accepted key (or anyone, when no key is configured): generation, tokenization,
          models, listing steering profiles;
   admin  the admin key only; a route this table does not name is admin-only (deny by
@@ -30,6 +30,9 @@ ROUTE_ACCESS: dict[str, Access] = {
     **dict.fromkeys([
         "/health", "/ready", "/ping", "/metrics", "/load", "/version",
         "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+        # the steering console's page and assets: they hold no data (what the page shows comes from
+        # API calls that carry the user's key)
+        "/console", "/console/static/{asset}",
     ], Access.OPEN),
     **dict.fromkeys([
         # generation (each steered at the enforcement point)

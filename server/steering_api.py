@@ -2,7 +2,10 @@
 
 Any accepted key lists the profiles and probes by name and description; their content
 (digest, per-layer rows, a probe's threshold and measured rates) is shown to the admin key
-only, unless UNIPOOL_PUBLIC_PROFILE_DETAILS=1. Uploads and deletions need the admin key.
+only, unless UNIPOOL_PUBLIC_PROFILE_DETAILS=1 (`?rows=true` adds a profile's full tables for
+those callers: the bias [L][E] with alpha folded in and the include/exclude mask). A key bound to
+a profile sees that profile only: the listing names it alone and any other name is answered
+as an unknown one (404). Uploads and deletions need the admin key.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from fastapi.responses import JSONResponse
 from unipool_serve.model_executor.steering import contract
 from unipool_serve.model_executor.steering.probe import ProbeError, RoutingProbe
 from unipool_serve.model_executor.steering.profile import SteeringProfile, SteeringProfileError, check_name
+from unipool_serve.model_executor.steering.shape import SteerableModel
 
-from .app_state import is_admin, server_state
+from .app_state import bound_profile, is_admin, server_state
 from .errors import APIError, openai_error
 from .profile_store import ProfileExists, ProfileStoreError, SlotsFull, UnknownProfile
 
@@ -73,7 +77,9 @@ async def ready(request: Request):
         return openai_error(503, f"not ready: {reason}", code="unavailable")
     if store is None or engine is None or engine.errored:
         return openai_error(503, "not ready: model or steering profiles still loading", code="not_ready")
-    return JSONResponse({"status": "ready", "steering_profiles": store.names(), "profile_load_errors": store.load_errors})
+    model = SteerableModel.of(store.config)  # what a profile made elsewhere must be made for (unipool-steering fit)
+    return JSONResponse({"status": "ready", "steering_profiles": store.names(), "profile_load_errors": store.load_errors,
+                         "model": {"architecture": model.architecture, "fingerprint": model.fingerprint}})
 
 
 @router.get("/v1/steering/profiles")
@@ -81,22 +87,55 @@ async def ready(request: Request):
 async def list_profiles(request: Request):
     store, details = _store(request), _shows_details(request)
     data = []
-    for name, active in sorted(store.by_name.items()):
+    for name in _visible_profiles(request, store):
+        active = store.by_name[name]
         entry = {"object": "steering_profile", "id": name, "description": active.item.description}
         if details:
             entry |= {"alpha": active.item.alpha, "content_hash": contract.digest(active.content_hash)}
         data.append(entry)
-    return JSONResponse({"object": "list", "data": data})
+    model = SteerableModel.of(store.config)
+    # the caller's own binding (its requests run under that profile whatever they name), and the shape
+    # every profile and every routing capture of this model has
+    return JSONResponse({"object": "list", "data": data, "bound_profile": bound_profile(request.scope),
+                         "model": {"num_layers": model.num_layers, "num_experts": model.num_experts,
+                                   "top_k": model.top_k}})
 
 
 @router.get("/v1/steering/profiles/{name}")
 @_api
-async def get_profile(name: str, request: Request):
+async def get_profile(name: str, request: Request, rows: bool = False):
+    """`?rows=true`: also the profile's tables as the engine applies them, `rows.bias` [L][E] (alpha
+    folded in) and `rows.mask` [L][E] (1 include, -1 exclude, 0 neither), for callers who may see
+    profile content (403 for the others)."""
     check_name(name)
-    profile = _store(request).get(name).item
+    store = _store(request)
+    profile = _visible_profile(request, store, name).item
     if not _shows_details(request):
+        if rows:
+            raise APIError(403, "a profile's tables are shown to the admin key only (the server can show them to "
+                           "every key with --public-profile-details)", param="rows", code="profile_details_hidden")
         return JSONResponse({"object": "steering_profile", "name": profile.name, "description": profile.description})
-    return JSONResponse({"object": "steering_profile", **profile.summary()})
+    body = {"object": "steering_profile", **profile.summary()}
+    if rows:
+        body["rows"] = {"bias": profile.bias_rows().tolist(), "mask": profile.mask_rows().tolist()}
+    return JSONResponse(body)
+
+
+def _visible_profiles(request: Request, store) -> list[str]:
+    """The profile names this caller may see: all of them, or its bound profile alone."""
+    bound = bound_profile(request.scope)
+    return [name for name in store.names() if bound is None or name == bound]
+
+
+def _visible_profile(request: Request, store, name: str):
+    """The loaded profile `name`; for a bound key any other name is unknown (the same 404, naming only
+    what the caller may see)."""
+    visible = _visible_profiles(request, store)
+    if name not in visible:
+        error = UnknownProfile(f"unknown {store.what} {name!r}; available {store.plural}: {visible}")
+        error.code = store.codes["unknown"]
+        raise error
+    return store.by_name[name]
 
 
 @router.post("/v1/steering/profiles", status_code=201)
