@@ -42,6 +42,14 @@ def _norm_scores(z: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     return scale * torch.relu(z / (z.norm(dim=-1, keepdim=True) + NORM_EPS))
 
 
+def _softmax_scores(z: torch.Tensor, scale: None) -> torch.Tensor:
+    return torch.softmax(z, dim=-1)
+
+
+def _sigmoid_scores(z: torch.Tensor, scale: None) -> torch.Tensor:
+    return torch.sigmoid(z)
+
+
 @dataclass(frozen=True)
 class RouterKind:
     name: str
@@ -62,9 +70,9 @@ class RouterKind:
 ROUTER_KINDS: dict[str, RouterKind] = {k.name: k for k in (
     RouterKind("norm", 0, learned_scale=True, may_renormalize=False, exclude_fill=0.0, score_fn=_norm_scores),
     RouterKind("softmax", 1, learned_scale=False, may_renormalize=True, exclude_fill=-math.inf,
-               score_fn=lambda z, scale: torch.softmax(z, dim=-1)),
+               score_fn=_softmax_scores),
     RouterKind("sigmoid", 2, learned_scale=False, may_renormalize=True, exclude_fill=-math.inf,
-               score_fn=lambda z, scale: torch.sigmoid(z)),
+               score_fn=_sigmoid_scores),
 )}
 
 

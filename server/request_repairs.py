@@ -1,6 +1,6 @@
 """Request bodies that vLLM 0.32's own routes break on, mended or refused before they run.
 
-The gateway applies these after it has taken out the steering fields; each names the vLLM
+The gateway applies these before it takes out the steering fields (server/request_fields.py); each names the vLLM
 behaviour it guards against, so it can go when vLLM no longer needs it.
 """
 

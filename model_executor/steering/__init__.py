@@ -7,8 +7,13 @@
   families.py  vLLM's own MoE families: where their gates and FusedMoE layers are
   family_hooks.py  steering installed on a loaded vLLM model of those families
   profile.py   the profile file format and its validation
+  profile_checks.py  the checks a profile passes against the model it is loaded for
   table.py     the engine's rows and the step's per-token row index
+  request_rows.py  one request's rows as the step sees them (per token, with its gate)
+  idle_steps.py    a step nobody steers runs a compiled variant that never reads the tables
+  probe.py     routing probes: the file format and the score
+  probing.py   probes in the engine: scores from the capture buffers after each step
   worker.py    the worker hook that fills the index each step, and the RPCs
   offline.py   the same contract for vLLM's offline `LLM`
-  cli.py       `unipool-steering`
+(`unipool-steering`, the command line, is tools/steering_cli.py.)
 """

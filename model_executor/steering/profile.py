@@ -5,7 +5,8 @@ File format (docs/steering.md): one safetensors file holding tensor `bias`
   format="unipool-steering/1", name, description, alpha, include, exclude (JSON
   {layer: [expert ids]}), num_layers, num_experts, top_k, config_fingerprint, and, where
   known, architecture, router_kind, dense_layers (JSON list) and expert_budget (JSON
-  {"top_k": 0}: the request runs on the shared experts alone), and optionally provenance
+  {"top_k": k'}: each token of a request under the profile runs at most k' routed experts, 0 on
+  the shared experts alone; contract.effective_budget), and optionally provenance
   (a JSON object: how the profile was made, e.g. by `unipool-steering fit`; informational,
   never part of the routing or the content hash).
 The engine applies `alpha * bias` and the masks exactly as

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .contract import BudgetError, parse_budget
+from .contract import BudgetError, effective_budget, parse_budget
 from .shape import SteerableModel
 
 
@@ -30,16 +30,17 @@ def check_dense_layers(profile) -> None:
 
 
 def check_budget(profile) -> None:
-    """expert_budget: {"top_k": k'} with 0 <= k' <= the model's top-k; no includes when k' is 0."""
+    """expert_budget: {"top_k": k'} that the model can run (contract.effective_budget: k' <= its top-k;
+    whether it has a shared expert for k' = 0 is checked by check_model, where the model is known);
+    no includes when k' is 0."""
     if profile.expert_budget is None:
         return
+    what = f"profile {profile.name!r}: expert_budget"
     try:
-        k = parse_budget(profile.expert_budget, f"profile {profile.name!r}: expert_budget")
+        k = parse_budget(profile.expert_budget, what)
+        effective_budget(None, k, profile.top_k, shared_experts=True)
     except BudgetError as exc:
-        raise SteeringProfileError(str(exc)) from None
-    if k > profile.top_k:
-        raise SteeringProfileError(f'profile {profile.name!r}: expert_budget must be {{"top_k": k}} with k in '
-                                   f"0..{profile.top_k} (the model's top_k), got {profile.expert_budget!r}")
+        raise SteeringProfileError(str(exc) if str(exc).startswith(what) else f"{what}: {exc}") from None
     if k == 0 and profile.include:
         raise SteeringProfileError(f"profile {profile.name!r}: include has no effect with expert_budget.top_k=0 "
                                    "(no routed expert runs): remove it")
@@ -80,7 +81,8 @@ def check_model(profile, config) -> None:
                 f"profile {profile.name!r}: dense layers {list(profile.dense_layers)} differ from this model's "
                 f"{list(model.dense_layers)}" + (f"; it steers layer(s) {steered}, which have no experts here"
                                                  if steered else ""))
-    if profile.expert_budget is not None and profile.expert_budget["top_k"] == 0 and not model.shared_experts:
-        raise SteeringProfileError(
-            f"profile {profile.name!r}: expert_budget.top_k=0 leaves no expert at all: {model.architecture} has no "
-            "shared experts")
+    if profile.expert_budget is not None:
+        try:
+            effective_budget(None, profile.expert_budget["top_k"], model.top_k, model.shared_experts)
+        except BudgetError as exc:
+            raise SteeringProfileError(f"profile {profile.name!r} on {model.architecture}: {exc}") from None

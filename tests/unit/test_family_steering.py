@@ -143,9 +143,9 @@ def test_profiles_for_families_are_validated_against_their_model():
     loaded = SteeringProfile.from_bytes(shared.to_bytes(), d)
     assert (loaded.expert_budget, loaded.router_kind, loaded.dense_layers) == ({"top_k": 0}, "grouped-sigmoid-bias", (0,))
     assert loaded.content_hash() == shared.content_hash() != SteeringProfile.for_config(d, name="s").content_hash()
-    with pytest.raises(SteeringProfileError, match="no shared experts"):
+    with pytest.raises(SteeringProfileError, match="no shared expert"):
         SteeringProfile.for_config(mixtral, name="x", expert_budget={"top_k": 0})
-    with pytest.raises(SteeringProfileError, match="expert_budget must be"):
+    with pytest.raises(SteeringProfileError, match="exceeds the model's top_k"):
         SteeringProfile.for_config(d, name="x", expert_budget={"top_k": 99})
     with pytest.raises(SteeringProfileError, match="include has no effect"):
         SteeringProfile.for_config(d, name="x", expert_budget={"top_k": 0}, include={1: [2]})

@@ -124,3 +124,13 @@ def test_a_budget_keeps_the_first_choices_and_renormalises_only_where_the_router
     kept_raw, _ = routing_reference.route(z, norm, budget=torch.full((6,), 2))[1], None
     raw = routing_reference.route(z, norm)[1]
     torch.testing.assert_close(kept_raw[:, :2], raw[:, :2])  # NormRouter gates stay the raw scores
+
+
+def test_router_kinds_cross_process_boundaries():
+    """Configs and specs holding a RouterKind are pickled to vLLM's worker processes."""
+    import pickle
+
+    from unipool_serve.kernels.routing_spec import ROUTER_KINDS
+
+    for kind in ROUTER_KINDS.values():
+        assert pickle.loads(pickle.dumps(kind)) == kind
