@@ -11,6 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: this module is imported by the modules it names
+    from vllm.engine.protocol import EngineClient
+
+    from unipool_serve.model_executor.settings import ServerSettings
+
+    from .policy import AccessPolicy
+    from .profile_store import ProbeStore, ProfileStore
 
 APP_STATE = "unipool"  # attribute of app.state
 IS_ADMIN = "unipool_admin"  # key of scope["state"]
@@ -19,12 +28,12 @@ BOUND_PROFILE = "unipool_bound_profile"  # key of scope["state"]
 
 @dataclass
 class ServerState:
-    policy: object  # server/policy.AccessPolicy
-    settings: object  # model_executor/settings.ServerSettings
+    policy: AccessPolicy
+    settings: ServerSettings
     unavailable: Callable[[], str | None]  # why new requests cannot be served now (None: they can)
-    store: object | None = None  # server/profile_store.ProfileStore, once the engine is ready
-    probes: object | None = None  # server/profile_store.ProbeStore, once the engine is ready
-    engine_client: object | None = None  # vLLM's AsyncLLM, once the engine is ready
+    store: ProfileStore | None = None  # once the engine is ready
+    probes: ProbeStore | None = None  # once the engine is ready
+    engine_client: EngineClient | None = None  # vLLM's AsyncLLM, once the engine is ready
 
 
 def server_state(app) -> ServerState:
