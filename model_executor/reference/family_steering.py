@@ -1,4 +1,7 @@
-"""transformers' own MoE models, steered as the engine steers vLLM's families (per-token sigma).
+"""transformers' own MoE models of vLLM's families, steered as the engine steers them (per-token sigma).
+
+The reference the engine tests compare vLLM's families with, and what `unipool-steering fit`
+runs offline on a family's folder (tools/fit/family_source.py).
 
 MASCing applies its bias with a forward hook on the gate. transformers 5 computes the router
 logits AND selects experts inside one router module, so the hook here is a pair: a forward
@@ -8,6 +11,9 @@ same function the engine's gate hook calls), so transformers' own selection runs
 and, for grouped top-k routers, a forward hook that replaces the selection with
 kernels/routing_reference.grouped_select, as the engine's router tap does. A routed budget of
 zero zeroes the output of the block's routed experts (its shared experts still run).
+
+`routing` reads back what each MoE layer's router did, as the engine's routing capture
+reports it: the raw logits (before steering) and the experts it chose (after).
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ class _SteerLogits(TorchFunctionMode):
     def __init__(self, bias_row: torch.Tensor, mask_row: torch.Tensor):
         super().__init__()
         self.bias_row, self.mask_row, self.done = bias_row, mask_row, False
+        self.raw: torch.Tensor | None = None  # the logits as the router computed them
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is F.linear and not self.done:
             self.done = True
             T = out.shape[0]
+            self.raw = out.detach().clone()
             out = steer_router_logits(out, self.bias_row.expand(T, -1), self.mask_row.expand(T, -1))
         return out
 
@@ -46,9 +54,17 @@ def routers(model):
             yield index, router, block
 
 
+def moe_layers(model) -> list[int]:
+    """The decoder layers with routed experts, in order: the rows of a routing capture."""
+    return [layer for layer, _, _ in routers(model)]
+
+
 @contextlib.contextmanager
-def steered(model, kind: str, bias_rows: torch.Tensor, mask_rows: torch.Tensor, routed_scale: float = 1.0):
-    """Every token of every forward inside runs under one profile's rows (bias [L, E], mask [L, E])."""
+def steered(model, kind: str, bias_rows: torch.Tensor, mask_rows: torch.Tensor, routed_scale: float = 1.0,
+            record: dict | None = None):
+    """Every token of every forward inside runs under one profile's rows (bias [L, E], mask [L, E]).
+    `record`, if given, receives {layer: (raw logits [T, E], chosen ids [T, k], their weights [T, k])}
+    of the last forward."""
     handles = []
     for layer, router, block in routers(model):
         state = {}
@@ -58,16 +74,13 @@ def steered(model, kind: str, bias_rows: torch.Tensor, mask_rows: torch.Tensor, 
             state["mode"].__enter__()
 
         def post(module, args, output, layer=layer, state=state):
-            state.pop("mode").__exit__(None, None, None)
-            if not kind.startswith("grouped-"):
-                return None
-            logits = output[0]
-            weights, ids = grouped_select(
-                logits, mask_rows[layer].expand(logits.shape[0], -1), top_k=module.top_k, num_groups=module.num_group,
-                topk_groups=module.topk_group, scoring="sigmoid" if "sigmoid" in kind else "softmax",
-                correction_bias=getattr(module, "e_score_correction_bias", None) if kind.endswith("-bias") else None,
-                renormalize=bool(getattr(module, "norm_topk_prob", False)), scaling=module.routed_scaling_factor)
-            return logits, weights.to(output[1].dtype), ids.to(output[2].dtype)
+            mode = state.pop("mode")
+            mode.__exit__(None, None, None)
+            if kind.startswith("grouped-"):
+                output = _grouped(module, output, mask_rows[layer], kind)
+            if record is not None:
+                record[layer] = (mode.raw, output[2], output[1])
+            return output
 
         handles += [router.register_forward_pre_hook(pre), router.register_forward_hook(post)]
         if routed_scale != 1.0:
@@ -79,7 +92,30 @@ def steered(model, kind: str, bias_rows: torch.Tensor, mask_rows: torch.Tensor, 
             handle.remove()
 
 
+def _grouped(module, output, mask_row: torch.Tensor, kind: str):
+    """The router's output with its selection replaced by grouped_select, as the engine's router tap does."""
+    logits = output[0]
+    weights, ids = grouped_select(
+        logits, mask_row.expand(logits.shape[0], -1), top_k=module.top_k, num_groups=module.num_group,
+        topk_groups=module.topk_group, scoring="sigmoid" if "sigmoid" in kind else "softmax",
+        correction_bias=getattr(module, "e_score_correction_bias", None) if kind.endswith("-bias") else None,
+        renormalize=bool(getattr(module, "norm_topk_prob", False)), scaling=module.routed_scaling_factor)
+    return logits, weights.to(output[1].dtype), ids.to(output[2].dtype)
+
+
 @torch.no_grad()
 def logprobs(model, token_ids: list[int]) -> torch.Tensor:
     """[S, V] next-token log-probabilities over a whole sequence (fp64 from fp32 logits)."""
     return torch.log_softmax(model(torch.tensor([token_ids])).logits[0].double(), dim=-1)
+
+
+@torch.no_grad()
+def routing(model, kind: str, token_ids: list[int], bias_rows: torch.Tensor, mask_rows: torch.Tensor,
+            routed_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over `token_ids` under the rows: (raw logits [T, R, E], chosen ids [T, R, k], their
+    routing weights [T, R, k]), one row R per MoE layer (moe_layers)."""
+    record = {}
+    with steered(model, kind, bias_rows, mask_rows, routed_scale, record=record):
+        model(torch.tensor([token_ids]))
+    rows = [record[layer] for layer in sorted(record)]
+    return tuple(torch.stack([row[i] for row in rows], dim=1) for i in range(3))

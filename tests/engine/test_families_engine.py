@@ -2,7 +2,7 @@
 
 For each architecture one engine with the steering worker (module-scoped, one at a time), on
 a tiny random checkpoint written with transformers' own classes (demo/tiny_families.py).
-Checked against transformers' own model steered the same way (family_reference.py), fp32:
+Checked against transformers' own model steered the same way (model_executor/reference/family_steering.py), fp32:
 greedy tokens and prompt logprobs, unsteered and under three profiles in one mixed batch,
 which also equals solo runs; excluded experts never routed and included ones always (routing
 counts); a routed budget of zero where the model has shared experts. Two architectures (one
@@ -17,7 +17,7 @@ kv_lora_rank=None, and vLLM 0.32's CPU MLA path needs head dim 576 (docs/steerin
 import pytest
 import torch
 
-import family_reference
+from unipool_serve.model_executor.reference import family_steering as family_reference
 from engine_checks import LOGPROB_TOL, env, prompts, start_engine, stop_engine
 from unipool_serve.demo.tiny_families import TINY_FAMILIES, load_reference, write_family_model
 from unipool_serve.model_executor.steering.offline import OfflineSteering

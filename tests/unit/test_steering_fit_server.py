@@ -59,6 +59,8 @@ class FakeServer:
             return answer if isinstance(answer, httpx.Response) else httpx.Response(200, json=answer)
         if path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "fake-moe"}]})
+        if path == "/ready":  # a server that does not report its model's fingerprint: fit checks shapes only
+            return httpx.Response(200, json={"status": "ready"})
         if path == "/tokenize":
             return httpx.Response(200, json={"tokens": self.tokens(body), "count": len(self.tokens(body))})
         if path.startswith("/v1/steering/profiles"):

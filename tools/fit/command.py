@@ -25,8 +25,9 @@ HELP = """fit a steering profile from labelled examples (MASCing): JSONL lines {
 def add_parser(sub) -> None:
     fit = sub.add_parser("fit", help=HELP, description=HELP)
     fit.add_argument("--model", required=True, type=Path,
-                     help="model folder; captured through its reference model unless --server is given "
-                          "(then only its config.json is read: the profile's shape and fingerprint)")
+                     help="model folder (UniPool, or one of vLLM's MoE families); captured through its reference "
+                          "model (a family: transformers' own) unless --server is given (then only its config.json "
+                          "is read: the profile's shape and fingerprint, checked against the server's)")
     fit.add_argument("--server", metavar="URL", help="capture through a running unipool-serve server instead")
     fit.add_argument("--data", required=True, type=Path, help="labelled JSONL")
     fit.add_argument("--name", required=True, help="profile name")
@@ -69,32 +70,51 @@ def _check_args(args) -> None:
             raise FitError(f"{flag} must be at least 1, got {value}")
 
 
-def _unipool_config(folder: Path) -> UniPoolConfig:
-    model = SteerableModel.from_folder(folder)
-    if not model.is_unipool:
-        raise FitError(f"--model {folder}: {model.architecture} is not a UniPool model; fit captures router logits "
-                       "from UniPool models only (their reference model, or a unipool-serve server's capture)")
-    return UniPoolConfig.from_pretrained(str(folder))
+def _model_config(folder: Path):
+    """(what profiles are made for: a UniPool config, or a family's transformers config; its SteerableModel)."""
+    try:
+        model = SteerableModel.from_folder(folder)
+    except ValueError as exc:  # no config.json, or an architecture no steering code knows
+        raise FitError(f"--model {folder}: {exc}") from None
+    if model.is_unipool:
+        return UniPoolConfig.from_pretrained(str(folder)), model
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder)), model
+
+
+def _source(args, model: SteerableModel):
+    """Where the router logits come from: a server, the reference model, or a family's transformers model."""
+    if args.server:
+        from .server import ServerSource
+
+        source = ServerSource(args.server, api_key=args.api_key, admin_key=args.admin_key, model=args.served_model,
+                              num_layers=model.num_layers)
+        try:
+            source.check_model(model, args.model)
+        except FitSourceError:
+            source.close()
+            raise
+        return source
+    if model.is_unipool:
+        return ReferenceSource(args.model, device=args.device)
+    from .family_source import FamilySource
+
+    return FamilySource(args.model, model, device=args.device)
 
 
 def run(args: argparse.Namespace) -> int:
     source = None
     try:
         _check_args(args)
-        config = _unipool_config(args.model)
+        config, model = _model_config(args.model)
         examples, data_hash = read_examples(args.data)
         compare = [SteeringProfile.load(path, config) for path in args.compare]
         judge = parse_judge(args.judge) if args.judge else None
         torch.manual_seed(args.seed)
         if args.threads:
             torch.set_num_threads(args.threads)
-        if args.server:
-            from .server import ServerSource
-
-            source = ServerSource(args.server, api_key=args.api_key, admin_key=args.admin_key,
-                                  model=args.served_model)
-        else:
-            source = ReferenceSource(args.model, device=args.device)
+        source = _source(args, model)
         opts = FitOptions(name=args.name, seed=args.seed, lambdas=args.lambdas, alphas=[a for a in args.alphas if a > 0],
                           threshold=args.threshold, surrogate_epochs=args.surrogate_epochs,
                           bias_epochs=args.bias_epochs, judge=judge, judge_tokens=args.judge_tokens,

@@ -22,6 +22,7 @@ import torch
 
 from unipool_serve.model_executor.config import UniPoolConfig
 from unipool_serve.model_executor.steering.profile import SteeringProfile
+from unipool_serve.model_executor.steering.shape import SteerableModel
 from . import optimise, report, surrogate as surrogate_mod
 from .data import Example, Splits, split
 from .judge import Judge
@@ -64,8 +65,9 @@ class FitResult:
         return report.format_table(self.rows, self.counts)
 
 
-def check_logits_shape(traces: Sequence[torch.Tensor], config: UniPoolConfig, source: str) -> None:
-    want = (config.num_hidden_layers, config.num_experts)
+def check_logits_shape(traces: Sequence[torch.Tensor], config: UniPoolConfig | SteerableModel, source: str) -> None:
+    model = SteerableModel.of(config)  # a UniPool config, or a family's shape
+    want = (model.num_layers, model.num_experts)
     for trace in traces:
         if tuple(trace.shape[1:]) != want:
             raise FitError(f"{source} gives router logits for {list(trace.shape[1:])} (layers, experts) but the model "

@@ -4,9 +4,15 @@ Capture: one generation request per example with `"return_router_logits": true` 
 `"max_tokens": 1` (the prompt is what is captured). Each choice then carries
 `"router_logits"`: base64 of an `np.save`d float16 array `[tokens, num_layers,
 num_experts]` for the tokens the model computed (prompt and output, minus the last token,
-so with one output token: the prompt). For a chat, `"routed_experts_prompt_start"` skips
+so with one output token: the prompt), and `"routed_experts_layers"`: the decoder layer of each
+row. A model of one of vLLM's families has rows for its MoE layers only; each is put in its
+decoder layer's row of the `[T, L, E]` trace (`num_layers` L, from --model's config), the rows
+of layers without experts zero, as the offline sources do. For a chat, `"routed_experts_prompt_start"` skips
 the tokens before the final user message; the span comes from the server's own `/tokenize`
 (sources.final_user_span), so the client needs neither the tokenizer nor the template.
+
+Before capturing, `check_model` compares the server's model fingerprint (`/ready`) with the
+one of --model's config, so a profile is never made for a model other than the one captured.
 
 Generation for a judge: the candidate profile is uploaded under its own name (the admin
 key; replacing a previous candidate), requested with `"steering"`, and deleted afterwards.
@@ -33,7 +39,7 @@ class ServerSource:
     """A unipool-serve server at `url` (its served model); `transport` is for tests."""
 
     def __init__(self, url: str, *, api_key: str | None = None, admin_key: str | None = None,
-                 model: str | None = None, transport=None, timeout: float = 600.0):
+                 model: str | None = None, transport=None, timeout: float = 600.0, num_layers: int | None = None):
         try:
             import httpx
         except ImportError:  # shipped with vLLM; a bare install of this package may lack it
@@ -41,6 +47,7 @@ class ServerSource:
         self.url = url.rstrip("/")
         self.description = f"server {self.url}"
         self.admin_key = admin_key
+        self.num_layers = num_layers  # decoder layers of the model: a family's MoE rows are put in their layers' rows
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=self.url, headers=headers, transport=transport, timeout=timeout)
         self._httpx = httpx
@@ -89,6 +96,17 @@ class ServerSource:
             raise FitSourceError(f"{self.url}/v1/models lists no model")
         return self._field(answer, "/v1/models", "data", 0, "id", kind=str)
 
+    def check_model(self, expected, folder) -> None:
+        """The server serves the model `expected` (a SteerableModel read from `folder`), by fingerprint; a
+        server that does not report its model (older than this check) is let through to the shape check."""
+        served = self._request("GET", "/ready").get("model")
+        if not isinstance(served, dict) or not isinstance(served.get("fingerprint"), str):
+            return
+        if served["fingerprint"] != expected.fingerprint:
+            raise FitSourceError(f"{self.url} serves {served.get('architecture', '?')} (fingerprint "
+                                 f"{served['fingerprint']}) but --model {folder} is {expected.architecture} "
+                                 f"(fingerprint {expected.fingerprint}): point --model at the served model's folder")
+
     def _tokens(self, chat: list[dict[str, str]]) -> list[int]:
         body = {"model": self.model, "messages": chat, "add_generation_prompt": True}
         tokens = self._field(self._request("POST", "/tokenize", json=body), "/tokenize", "tokens", kind=list)
@@ -128,8 +146,25 @@ class ServerSource:
             if logits.shape[0] < end - start:
                 raise FitSourceError(f"line {example.line}: {path} returned router_logits for {logits.shape[0]} "
                                      f"tokens, expected at least {end - start} (prompt tokens {start}..{end})")
-            traces.append(torch.from_numpy(np.ascontiguousarray(logits[: end - start])))  # [T, L, E] as sent (fp16)
+            rows = torch.from_numpy(np.ascontiguousarray(logits[: end - start]))  # [T, rows, E] as sent (fp16)
+            traces.append(self._in_layer_rows(rows, answer, path, example))
         return traces
+
+    def _in_layer_rows(self, rows: torch.Tensor, answer: dict, path: str, example: Example) -> torch.Tensor:
+        """[T, L, E]: each captured row in the row of its decoder layer (`routed_experts_layers`)."""
+        layers = answer["choices"][0].get("routed_experts_layers")
+        if layers is None or self.num_layers is None:
+            return rows  # a server that does not name its rows: every layer, in order (the shape check follows)
+        if (not isinstance(layers, list) or len(layers) != rows.shape[1] or len(set(layers)) != len(layers)
+                or not all(isinstance(l, int) and not isinstance(l, bool) and 0 <= l < self.num_layers
+                           for l in layers)):
+            raise FitSourceError(f"line {example.line}: {path} returned routed_experts_layers {layers!r:.80}, expected "
+                                 f"{rows.shape[1]} distinct decoder layers below {self.num_layers}")
+        if layers == list(range(self.num_layers)):
+            return rows
+        trace = torch.zeros(rows.shape[0], self.num_layers, rows.shape[2], dtype=rows.dtype)
+        trace[:, layers] = rows
+        return trace
 
     def _decode(self, answer: dict, path: str, example: Example) -> np.ndarray:
         choice = self._field(answer, path, "choices", 0, kind=dict)

@@ -1,7 +1,8 @@
 """Where router logits come from: the reference model (offline, exact) or a running server.
 
 A logits source captures, for each example, the raw router logits of the tokens MASCing
-uses, `[T, L, E]` (T tokens, L layers, E experts of each layer's pool; fp32 from the
+uses, `[T, L, E]` (T tokens, L decoder layers, E experts of each layer's pool; a layer
+without experts, in some of vLLM's families, has a row of zeros; fp32 from the
 reference model, fp16 as a server sends them; the surrogate computes in fp32), and
 generates greedy continuations under a steering profile (for a judge):
 
@@ -12,12 +13,16 @@ generates greedy continuations under a steering profile (for a judge):
   and the span is what lies between the two renderings' common prefix and common
   suffix. (Were a token to straddle the content's edge, it would count as part of it.)
 
-`ReferenceSource` runs `UniPoolForCausalLM` on CPU (or --device); `server.ServerSource`
-asks a unipool-serve server through its routing-capture fields.
+`ReferenceSource` runs `UniPoolForCausalLM` on CPU (or --device);
+`family_source.FamilySource` runs transformers' own model of one of vLLM's MoE families (its
+MoE layers' logits in their decoder layers' rows, the rows of layers without experts zero);
+`server.ServerSource` asks a unipool-serve server through its routing-capture fields.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -68,21 +73,19 @@ def blank_final_user(example: Example) -> list[dict[str, str]]:
     return chat
 
 
-class ReferenceSource:
-    """The pure-PyTorch reference model of a model folder in this project's format."""
+class TokenizedSource(abc.ABC):
+    """A model run in this process, with its folder's tokenizer and chat template: which tokens an example
+    captures, and greedy generation (subclasses load the model and say how it is steered)."""
+
+    description: str
+    model: torch.nn.Module
+    config: object
 
     def __init__(self, model_dir: str | Path, device: str = "cpu"):
         from transformers import AutoTokenizer
 
-        from unipool_serve.model_executor.reference.hf_registration import register_hf
-        from unipool_serve.model_executor.reference.model import UniPoolForCausalLM
-
-        register_hf()
-        self.description = f"reference model {model_dir}"
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = UniPoolForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(self.device)
-        self.config = self.model.config
 
     def _chat_ids(self, chat: list[dict[str, str]]) -> list[int]:
         out = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
@@ -98,16 +101,9 @@ class ReferenceSource:
             return full, 0, len(full)
         return (full, *final_user_span(full, self._chat_ids(blank_final_user(example))))
 
-    @torch.no_grad()
-    def capture(self, examples: Sequence[Example], progress: bool = True,
-                whole_prompt: bool = False) -> list[torch.Tensor]:
-        traces = []
-        for example in tqdm(examples, desc="capture (reference model)", unit="example", disable=not progress):
-            ids, start, end = self.token_span(example, whole_prompt)
-            x = torch.tensor([ids], device=self.device)
-            logits = self.model(input_ids=x, output_router_logits=True, logits_to_keep=1)["router_logits"]
-            traces.append(torch.stack(logits, dim=1)[start:end].float().cpu())  # [T, L, E]
-        return traces
+    @abc.abstractmethod
+    def _steering(self, profile: SteeringProfile | None, batch: int) -> tuple[dict, contextlib.AbstractContextManager]:
+        """(keyword arguments of each forward, a context around the whole generation) for `profile`."""
 
     @torch.no_grad()
     def generate(self, examples: Sequence[Example], profile: SteeringProfile | None, max_new_tokens: int,
@@ -120,26 +116,56 @@ class ReferenceSource:
             groups.setdefault(len(ids), []).append(i)
         eos = self.tokenizer.eos_token_id
         texts = [""] * len(prompts)
-        bar = tqdm(total=len(prompts), desc="generate (reference model)", unit="prompt", disable=not progress)
+        bar = tqdm(total=len(prompts), desc=f"generate ({self.description})", unit="prompt", disable=not progress)
         for members in groups.values():
             batch = len(members)
-            steer = {} if profile is None else {
-                "steering_bias": profile.bias_rows().to(self.device).expand(batch, -1, -1),
-                "steering_mask": profile.mask_rows().to(self.device).expand(batch, -1, -1)}
+            steer, context = self._steering(profile, batch)
             step_input = torch.tensor([prompts[i] for i in members], device=self.device)
             cache, new = DynamicCache(config=self.config), []
-            for _ in range(max_new_tokens):
-                out = self.model(input_ids=step_input, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                                 **steer)
-                logits = out.logits[:, -1].float()
-                if eos is not None:
-                    logits[:, eos] = float("-inf")  # as vLLM's min_tokens = max_tokens
-                step_input = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
-                new.append(step_input)
-                cache = out.past_key_values
+            with context:
+                for _ in range(max_new_tokens):
+                    out = self.model(input_ids=step_input, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                                     **steer)
+                    logits = out.logits[:, -1].float()
+                    if eos is not None:
+                        logits[:, eos] = float("-inf")  # as vLLM's min_tokens = max_tokens
+                    step_input = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
+                    new.append(step_input)
+                    cache = out.past_key_values
             tokens = torch.cat(new, dim=1).tolist() if new else [[] for _ in members]
             for row, i in enumerate(members):
                 texts[i] = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
             bar.update(batch)
         bar.close()
         return texts
+
+
+class ReferenceSource(TokenizedSource):
+    """The pure-PyTorch reference model of a model folder in this project's format."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu"):
+        from unipool_serve.model_executor.reference.hf_registration import register_hf
+        from unipool_serve.model_executor.reference.model import UniPoolForCausalLM
+
+        super().__init__(model_dir, device)
+        register_hf()
+        self.description = f"reference model {model_dir}"
+        self.model = UniPoolForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(self.device)
+        self.config = self.model.config
+
+    @torch.no_grad()
+    def capture(self, examples: Sequence[Example], progress: bool = True,
+                whole_prompt: bool = False) -> list[torch.Tensor]:
+        traces = []
+        for example in tqdm(examples, desc="capture (reference model)", unit="example", disable=not progress):
+            ids, start, end = self.token_span(example, whole_prompt)
+            x = torch.tensor([ids], device=self.device)
+            logits = self.model(input_ids=x, output_router_logits=True, logits_to_keep=1)["router_logits"]
+            traces.append(torch.stack(logits, dim=1)[start:end].float().cpu())  # [T, L, E]
+        return traces
+
+    def _steering(self, profile: SteeringProfile | None, batch: int) -> tuple[dict, contextlib.AbstractContextManager]:
+        if profile is None:
+            return {}, contextlib.nullcontext()
+        return {"steering_bias": profile.bias_rows().to(self.device).expand(batch, -1, -1),
+                "steering_mask": profile.mask_rows().to(self.device).expand(batch, -1, -1)}, contextlib.nullcontext()
