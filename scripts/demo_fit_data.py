@@ -1,12 +1,12 @@
-"""Write the labelled JSONL for fitting a `prose` profile of the demo model (docs/fitting-profiles.md).
+"""Write the labelled JSONL for fitting a `prose` (or `code`) profile of the demo model (docs/fitting-profiles.md).
 
 Code prompts are the behaviour to suppress (label 1), prose prompts the behaviour to keep
-(label 0). Both come from the demo corpus's calibration split (seed 1), cut the way the
+(label 0); `--suppress prose` swaps the labels, for a `code` profile. Both come from the demo corpus's calibration split (seed 1), cut the way the
 demo's fixed prompts are (demo/eval.py `prompt_of`: a code prompt ends at the colon of its
 first def/class line, a prose prompt is a first sentence). The held-out split (seed 2),
 where PROMPTS_CODE and PROMPTS_PROSE come from, is never used for fitting.
 
-    .venv/bin/python scripts/demo_fit_data.py --out demo-prose.jsonl [--per-kind 150]
+    .venv/bin/python scripts/demo_fit_data.py --out demo-prose.jsonl [--per-kind 150] [--suppress code|prose]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from unipool_serve.demo.corpus import CALIBRATION_SEED
 from unipool_serve.demo.eval import PROMPTS_CODE, PROMPTS_PROSE, make_prompts
 
 
-def labelled(per_kind: int) -> list[dict]:
+def labelled(per_kind: int, suppress: str = "code") -> list[dict]:
     code = make_prompts("code", per_kind, seed=CALIBRATION_SEED)
     prose = make_prompts("prose", per_kind, seed=CALIBRATION_SEED)
     held_out = set(PROMPTS_CODE) | set(PROMPTS_PROSE)
@@ -30,7 +30,7 @@ def labelled(per_kind: int) -> list[dict]:
     # interleaved so that a file cut short still holds both labels
     rows = []
     for c, p in zip(code, prose):
-        rows += [{"prompt": c, "label": 1}, {"prompt": p, "label": 0}]
+        rows += [{"prompt": c, "label": int(suppress == "code")}, {"prompt": p, "label": int(suppress == "prose")}]
     return rows
 
 
@@ -38,11 +38,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--per-kind", type=int, default=150, help="prompts of each kind (default 150)")
+    parser.add_argument("--suppress", choices=("code", "prose"), default="code",
+                        help="the kind labelled 1, the behaviour to suppress (default code: a `prose` profile)")
     args = parser.parse_args(argv)
-    rows = labelled(args.per_kind)
+    rows = labelled(args.per_kind, args.suppress)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {args.out}: {sum(r['label'] for r in rows)} code (label 1), "
-          f"{sum(1 - r['label'] for r in rows)} prose (label 0)")
+    kept = "prose" if args.suppress == "code" else "code"
+    print(f"wrote {args.out}: {len(rows) // 2} {args.suppress} (label 1), {len(rows) // 2} {kept} (label 0)")
 
 
 if __name__ == "__main__":

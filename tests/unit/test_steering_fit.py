@@ -1,8 +1,10 @@
-"""unipool-steering fit: data, judges, surrogate and S on a signal that is there by design, the CLI.
+"""unipool-steering fit: data, judges, surrogate, S and expert selection on a signal that is there by
+design, the CLI.
 
 The signal: every label-1 example contains a marker whose routing differs, by construction
 (synthetic traces with a spiked expert, or a tiny model whose layer-0 router sends the
-marker token's logits to expert 3). Nothing here depends on what an untrained model emits.
+marker token's logits to expert 3); the risk-difference tests build traces whose selection
+rates are known exactly. Nothing here depends on what an untrained model emits.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from transformers import MixtralConfig
 
 from unipool_serve.demo.tiny_model import tiny_config, write_tiny_model
 from unipool_serve.tools.steering_cli import main as steering_cli
-from unipool_serve.tools.fit import optimise, report, surrogate
+from unipool_serve.tools.fit import expert_selection, optimise, report, surrogate
 from unipool_serve.tools.fit.data import Example, FitDataError, read_examples, split
 from unipool_serve.tools.fit.judge import JudgeError, parse_judge
 from unipool_serve.tools.fit.pipeline import FitOptions, run_fit
@@ -40,16 +42,28 @@ def trace(text: str) -> torch.Tensor:
 
 
 class SyntheticSource:
-    """Logits from `trace`; a continuation is 'code' while the marker's spike survives the profile."""
+    """Logits from `trace`; a label-1 continuation is 'code' until the profile pulls the marker's
+    expert down (alpha * S[1, SPIKE] <= -1) and/or excludes it in layer 1, as `flips_on` says."""
 
     description = "synthetic"
+
+    def __init__(self, flips_on: str = "bias"):
+        assert flips_on in ("bias", "exclusion", "both")
+        self.flips_on = flips_on
 
     def capture(self, examples, progress=True):
         return [trace(e.prompt) for e in examples]
 
+    def suppressed(self, profile) -> bool:
+        if profile is None:
+            return False
+        pulled = float(profile.bias_rows()[1, SPIKE]) <= -1.0
+        excluded = SPIKE in profile.exclude.get(1, [])
+        return {"bias": pulled, "exclusion": excluded, "both": pulled and excluded}[self.flips_on]
+
     def generate(self, examples, profile, max_new_tokens, progress=True):
-        pulled = 0.0 if profile is None else float(profile.bias_rows()[1, SPIKE])
-        return ["code" if "@" in e.prompt.split() and pulled > -1.0 else "prose" for e in examples]
+        flipped = self.suppressed(profile)
+        return ["code" if "@" in e.prompt.split() and not flipped else "prose" for e in examples]
 
 
 def labelled(n_per_label: int) -> list[Example]:
@@ -97,12 +111,16 @@ def test_fit_is_deterministic_for_a_seed_and_records_how_it_was_made():
     config = tiny_config(num_hidden_layers=L, num_experts=E)
     runs = [run_fit(SyntheticSource(), config, labelled(20), "f" * 64, _options(seed=s)) for s in (5, 5, 6)]
     a, b, c = (r.profile for r in runs)
-    assert torch.equal(a.bias, b.bias) and a.alpha == b.alpha
+    assert torch.equal(a.bias, b.bias) and a.alpha == b.alpha and a.exclude == b.exclude
     drop = lambda p: {k: v for k, v in p.provenance.items() if k != "created"}  # noqa: E731
     assert drop(a) == drop(b)
     assert drop(a) != drop(c)  # another seed, another split
     made = a.provenance
-    assert made["data_sha256"] == "f" * 64 and made["lambda"] == 1e-3 and made["alpha"] == a.alpha
+    assert made["data_sha256"] == "f" * 64
+    if made["kind"] == "exclusions only":  # the surrogate sees the marker's expert excluded as enough
+        assert made["lambda"] is None and made["alpha"] is None and SPIKE in a.exclude[1]
+    else:
+        assert made["lambda"] == 1e-3 and made["alpha"] == a.alpha
     assert made["surrogate"]["accuracy"]["test"] >= 0.9 and made["alpha_chosen_by"] == "surrogate"
     assert made["splits"] == {"train": 24, "val": 8, "test": 8} and made["created"]
     rows = {r.steering.split(" (")[0]: r for r in runs[0].rows}
@@ -124,14 +142,93 @@ def test_a_judge_chooses_alpha_by_generation():
     assert "judge, label 1" in result.table()
 
 
-def test_random_controls_keep_each_layers_values():
-    bias = torch.zeros(L, E)
+def test_random_controls_keep_each_layers_values_and_exclusions():
+    bias, mask = torch.zeros(L, E), torch.zeros(L, E, dtype=torch.int8)
     bias[1, 2], bias[1, 5], bias[3, 0] = -1.5, 0.7, 2.0
+    mask[1, 2], mask[1, 6], mask[2, 4] = -1, -1, -1
     for seed in report.RANDOM_SEEDS:
-        control = report.random_like(bias, seed)
+        control, control_mask = report.random_like(bias, mask, seed)
         for layer in range(L):
             assert sorted(control[layer].tolist()) == sorted(bias[layer].tolist())
-    assert not all(torch.equal(report.random_like(bias, s), bias) for s in report.RANDOM_SEEDS)
+            assert sorted(control_mask[layer].tolist()) == sorted(mask[layer].tolist())
+        # one permutation per layer: the expert given -1.5 in layer 1 is also excluded, as expert 2 was
+        assert control_mask[1, control[1] == -1.5].tolist() == [-1]
+    assert not all(torch.equal(report.random_like(bias, mask, s)[1], mask) for s in report.RANDOM_SEEDS)
+    config = tiny_config(num_hidden_layers=L, num_experts=E)
+    fitted = SteeringProfile.for_config(config, name="calm", bias=bias, alpha=2.0, exclude={1: [2, 6], 2: [4]})
+    for _, control in report.random_controls(fitted):
+        assert control.alpha == 2.0 and {k: len(v) for k, v in control.exclude.items()} == {1: 2, 2: 1}
+
+
+# ---- SteerMoE expert selection ----------------------------------------------------
+def one_hot_trace(picks: list[list[int]]) -> torch.Tensor:
+    """[T, L, E] logits whose top-1 in layer l of token t is picks[t][l] (the rest noise below it)."""
+    x = torch.rand(len(picks), L, E, generator=torch.Generator().manual_seed(len(picks)))
+    for t, row in enumerate(picks):
+        for layer, expert in enumerate(row):
+            x[t, layer, expert] = 5.0
+    return x
+
+
+def test_risk_difference_is_the_difference_of_the_labels_selection_rates():
+    # label 1: 4 tokens; layer 0 picks expert 2 three times and expert 0 once; label 0: 5 tokens, all expert 0
+    ones = [one_hot_trace([[2, 1, 1, 1], [2, 1, 1, 1]]), one_hot_trace([[2, 1, 1, 1], [0, 1, 1, 1]])]
+    zeros = [one_hot_trace([[0, 1, 1, 1]] * 3), one_hot_trace([[0, 1, 1, 1]] * 2)]
+    rd = expert_selection.risk_difference(ones, zeros, top_k=1)
+    want = torch.zeros(L, E)
+    want[0, 2], want[0, 0] = 0.75, 0.25 - 1.0
+    torch.testing.assert_close(rd, want)
+    rates = expert_selection.selection_rates(ones, top_k=2)  # top-2: every token picks two experts
+    torch.testing.assert_close(rates.sum(dim=1), torch.full((L,), 2.0))
+
+
+def test_expert_mask_takes_the_largest_risk_differences_under_the_cap():
+    rd = torch.zeros(L, E)
+    rd[0, 3], rd[0, 5], rd[0, 1], rd[0, 6] = 0.6, 0.3, 0.04, -0.5
+    rd[2, 7] = 0.2
+    mask = expert_selection.expert_mask(rd, exclude_cap=2, top_k=1, min_rd=0.05)
+    assert expert_selection.mask_sets(mask) == ({}, {0: [3, 5], 2: [7]})
+    one = expert_selection.expert_mask(rd, exclude_cap=1, top_k=1, min_rd=0.05)
+    assert expert_selection.mask_sets(one) == ({}, {0: [3], 2: [7]})
+    # below min_rd never, however high the cap; includes: the most negative, at most top_k
+    wide = expert_selection.expert_mask(rd, exclude_cap=E, top_k=1, min_rd=0.05, include_cap=3)
+    assert expert_selection.mask_sets(wide) == ({0: [6]}, {0: [3, 5], 2: [7]})
+    everything = expert_selection.expert_mask(torch.ones(L, E), exclude_cap=E, top_k=2, min_rd=0.05)
+    assert ((everything == -1).sum(dim=1) == E - 2).all()  # top_k experts always remain
+
+
+def test_the_surrogates_view_of_masks():
+    x = torch.tensor([[[[1.0, 4.0, -2.0, 0.5]]], [[[0.0, 0.0, 0.0, 0.0]]]])  # [B=2, T=1, L=1, E=4], second padding
+    mask = torch.tensor([[-1, 0, 0, 1]], dtype=torch.int8)
+    steered = surrogate.steer_traces(x, None, mask)
+    assert steered[0, 0, 0].tolist() == [-2.0, 4.0, -2.0, 4.0]  # excluded to the row's floor, included to the ceiling
+    assert not steered[1].any()  # padding stays zero
+    bias = torch.tensor([[0.0, -1.0, 0.0, 0.0]])
+    both = surrogate.steer_traces(x, bias, mask)[0, 0, 0]
+    assert both[1] < 4.0 and both[3] == both[1]  # the bias applies first, the ceiling follows it
+
+
+def test_the_judge_chooses_bias_exclusions_or_both_as_the_behaviour_needs():
+    config = tiny_config(num_hidden_layers=L, num_experts=E)
+    chosen = {}
+    for needs in ("bias", "exclusion", "both"):
+        result = run_fit(SyntheticSource(flips_on=needs), config, labelled(20), "0" * 64,
+                         _options(judge=parse_judge("regex:^code$"), alphas=(0.05, 4.0), exclude_caps=(1, 2)))
+        made = result.profile.provenance
+        assert {c["kind"] for c in made["candidates"]} == {"bias only", "exclusions only", "bias + exclusions"}
+        rd = torch.tensor(made["selection"]["risk_difference"])
+        assert int(rd[1].argmax()) == SPIKE and rd[1, SPIKE] > 0.1  # the marker's expert, from the captures
+        assert result.rows[1].judge_1 == 0.0, result.table()
+        chosen[needs] = made["kind"]
+        if needs != "bias":
+            assert SPIKE in result.profile.exclude[1]
+    assert chosen == {"bias": "bias only", "exclusion": "exclusions only", "both": "bias + exclusions"}
+
+
+def test_exclude_cap_zero_fits_a_bias_only():
+    config = tiny_config(num_hidden_layers=L, num_experts=E)
+    result = run_fit(SyntheticSource(), config, labelled(10), "0" * 64, _options(exclude_caps=(0,)))
+    assert {c.kind for c in result.candidates} == {"bias only"} and not result.profile.exclude
 
 
 # ---- data and judges ------------------------------------------------------------
@@ -215,7 +312,10 @@ def test_cli_fits_a_profile_on_the_crafted_model(crafted_model, tmp_path, capsys
     assert made["surrogate"]["accuracy"]["test"] >= 0.9, made
     rows = {r["steering"].split(" (")[0]: r for r in made["evaluation"]}
     assert rows["unsteered"]["surrogate_1"] >= 0.9 and rows["fitted"]["surrogate_1"] <= 0.5, rows
-    assert profile.bias[0, 3] < 0  # the marker's expert is pushed down
+    rd = torch.tensor(made["selection"]["risk_difference"])
+    assert int(rd[0].argmax()) == 3, rd[0]  # the marker's expert is the one label 1 selects more
+    # whichever kind the surrogate chose, the marker's expert is pushed down or excluded
+    assert profile.bias[0, 3] < 0 or 3 in profile.exclude.get(0, []), made["kind"]
 
 
 def _cli_error(capsys, argv) -> str:

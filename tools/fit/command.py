@@ -15,11 +15,13 @@ from unipool_serve.model_executor.steering.profile import SteeringProfile, Steer
 from unipool_serve.model_executor.steering.shape import SteerableModel
 from .data import FitDataError, read_examples
 from .judge import JUDGE_KINDS, JudgeError, parse_judge
-from .pipeline import DEFAULT_ALPHAS, DEFAULT_LAMBDAS, FitError, FitOptions, run_fit
+from .pipeline import (DEFAULT_ALPHAS, DEFAULT_EXCLUDE_CAPS, DEFAULT_LAMBDAS, DEFAULT_MIN_RISK_DIFFERENCE, FitError,
+                       FitOptions, run_fit)
 from .sources import FitSourceError, ReferenceSource
 
-HELP = """fit a steering profile from labelled examples (MASCing): JSONL lines {"prompt": "..."} or
-{"messages": [...]} with "label": 1 (behaviour to suppress) or 0 (to keep); docs/fitting-profiles.md"""
+HELP = """fit a steering profile from labelled examples: a bias (MASCing) and expert exclusions (SteerMoE), alone or
+together, whichever the judge (or the surrogate) prefers; JSONL lines {"prompt": "..."} or {"messages": [...]} with
+"label": 1 (behaviour to suppress) or 0 (to keep); docs/fitting-profiles.md"""
 
 
 def add_parser(sub) -> None:
@@ -38,7 +40,17 @@ def add_parser(sub) -> None:
     fit.add_argument("--alpha", dest="alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), metavar="A",
                      help=f"strengths to choose from (default {' '.join(map(str, DEFAULT_ALPHAS))})")
     fit.add_argument("--threshold", type=float, default=0.1, help="|S| at or below this is zeroed (default 0.1)")
-    fit.add_argument("--judge", help=f"choose alpha by generation: {JUDGE_KINDS} (flags the behaviour)")
+    fit.add_argument("--exclude-cap", dest="exclude_caps", type=int, nargs="+", default=list(DEFAULT_EXCLUDE_CAPS),
+                     metavar="N", help="SteerMoE exclusions: per layer at most N experts, those label 1 selects "
+                                       "most more often than label 0; one candidate set per N, tried alone and with "
+                                       f"each bias (default {' '.join(map(str, DEFAULT_EXCLUDE_CAPS))}; 0: bias only)")
+    fit.add_argument("--include-cap", type=int, default=0, metavar="N",
+                     help="also include per layer at most N (<= top_k) experts label 0 selects most more often "
+                          "(default 0: an included expert takes a slot of every token)")
+    fit.add_argument("--min-risk-difference", type=float, default=DEFAULT_MIN_RISK_DIFFERENCE, metavar="D",
+                     help="an expert is excluded (included) only if its selection rate on label 1 exceeds (falls "
+                          f"short of) label 0's by at least D (default {DEFAULT_MIN_RISK_DIFFERENCE})")
+    fit.add_argument("--judge", help=f"choose among the candidates by generation: {JUDGE_KINDS} (flags the behaviour)")
     fit.add_argument("--judge-tokens", type=int, default=32, help="greedy tokens per judged continuation (default 32)")
     fit.add_argument("--surrogate-epochs", type=int, default=30)
     fit.add_argument("--bias-epochs", type=int, default=100)
@@ -64,6 +76,11 @@ def _check_args(args) -> None:
             raise FitError(f"{flag} values must be non-negative numbers, got {values}")
     if not any(a > 0 for a in args.alphas):
         raise FitError("--alpha needs at least one positive strength")
+    if any(cap < 0 for cap in args.exclude_caps) or args.include_cap < 0:
+        raise FitError(f"--exclude-cap and --include-cap must be non-negative, got {args.exclude_caps} and "
+                       f"{args.include_cap}")
+    if not 0 < args.min_risk_difference <= 1:
+        raise FitError(f"--min-risk-difference must be in (0, 1], got {args.min_risk_difference}")
     for flag, value in (("--judge-tokens", args.judge_tokens), ("--surrogate-epochs", args.surrogate_epochs),
                         ("--bias-epochs", args.bias_epochs), ("--threads", args.threads)):
         if value is not None and value < 1:
@@ -116,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         source = _source(args, model)
         opts = FitOptions(name=args.name, seed=args.seed, lambdas=args.lambdas, alphas=[a for a in args.alphas if a > 0],
-                          threshold=args.threshold, surrogate_epochs=args.surrogate_epochs,
+                          threshold=args.threshold, exclude_caps=args.exclude_caps, include_cap=args.include_cap,
+                          min_risk_difference=args.min_risk_difference, surrogate_epochs=args.surrogate_epochs,
                           bias_epochs=args.bias_epochs, judge=judge, judge_tokens=args.judge_tokens,
                           description=args.description, compare=compare, progress=not args.no_progress)
         result = run_fit(source, config, examples, data_hash, opts)
@@ -130,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     acc = result.accuracy
     made = result.profile.provenance
     print(f"surrogate accuracy: train {acc['train']:.1%}, validation {acc['val']:.1%}, test {acc['test']:.1%}")
-    print(f"chosen: lambda {made['lambda']:g}, alpha {made['alpha']:g} (by {made['alpha_chosen_by']}), "
+    print(f"chosen: {made['kind']}: {result.chosen.describe()} (by {made['alpha_chosen_by']}), "
           f"{made['nonzero']} nonzero entries of {result.profile.num_layers} x {result.profile.num_experts}")
     print("behaviour rate on the test split:")
     print(result.table())

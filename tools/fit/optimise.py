@@ -1,4 +1,4 @@
-"""Optimising the steering matrix S against the frozen surrogate, and choosing its strength.
+"""Optimising the steering matrix S against the frozen surrogate, and choosing among the candidates.
 
     minimise over S [L, E]:  BCE(surrogate(z + sigma_t * S[l]), label 0) + lambda * ||S||_1
 
@@ -6,15 +6,21 @@ on the label-1 training traces (the behaviour to suppress; label-0 traces are al
 "0"), Adam (lr 0.05, 100 epochs: MASCing's). S starts at zero rather than at MASCing's
 random init, so entries the surrogate never asks for stay where the L1 penalty wants
 them. Then entries with |S| <= threshold (0.1) are zeroed, and the strength alpha (the
-engine applies alpha * sigma_t * S) is picked on the validation split:
+engine applies alpha * sigma_t * S) is picked on the validation split.
 
-- by the surrogate: the smallest alpha whose mean P(label 1) on the validation label-1
-  traces is within SURROGATE_TOLERANCE of the best alpha's (the surrogate alone always
-  prefers more steering, so this takes the weakest alpha that gets nearly all of it);
+The candidates are of three kinds (expert_selection.py gives the exclusion sets, one per
+--exclude-cap): bias only (each lambda's S at each alpha), exclusions only (each set),
+and both (each S at each alpha with each set). One is chosen on the validation split:
+
+- by the surrogate: among the candidates whose mean P(label 1) on the validation label-1
+  traces is within SURROGATE_TOLERANCE of the best one's, the weakest: smallest alpha
+  (exclusions only count as alpha 0), then fewest excluded experts, then larger lambda (the
+  surrogate alone always prefers more steering, so this takes the least that gets nearly
+  all of it);
 - by a judge, when given: the lowest share of validation label-1 continuations the judge
   flags, plus any rise in the share it flags among the label-0 continuations over the
   unsteered model's (a profile that pushes the kept behaviour into the suppressed one
-  pays for it); ties go to the smaller alpha, then to the larger lambda.
+  pays for it); ties go the same way (smaller alpha, fewer exclusions, larger lambda).
 """
 
 from __future__ import annotations
@@ -67,39 +73,81 @@ def sparsify(bias: torch.Tensor, threshold: float) -> torch.Tensor:
 
 @dataclass
 class Candidate:
-    """One (lambda, alpha) with its validation scores."""
+    """A bias (lambda, alpha), an exclusion set (its cap), or both, with its validation scores."""
 
-    l1: float
-    alpha: float
-    bias: torch.Tensor  # [L, E] sparse S, unscaled
+    l1: float | None  # None: no bias
+    alpha: float  # 0 with no bias
+    bias: torch.Tensor  # [L, E] sparse S, unscaled (all zero with no bias)
+    mask: torch.Tensor | None = None  # [L, E] int8, +1 include / -1 exclude (expert_selection.py)
+    exclude_cap: int | None = None  # the per-layer cap the mask was selected under
     surrogate_rate: float = 0.0  # mean P(label 1) of the steered validation label-1 traces
     judge_rate: float | None = None  # share of validation label-1 continuations the judge flags
     judge_rate_0: float | None = None  # ... and of validation label-0 continuations
 
+    @property
+    def kind(self) -> str:
+        if self.mask is None:
+            return "bias only"
+        return "exclusions only" if self.l1 is None else "bias + exclusions"
+
+    @property
+    def excluded(self) -> int:
+        return 0 if self.mask is None else int((self.mask == -1).sum())
+
+    @property
+    def included(self) -> int:
+        return 0 if self.mask is None else int((self.mask == 1).sum())
+
+    def describe(self) -> str:
+        parts = [] if self.l1 is None else [f"lambda {self.l1:g}, alpha {self.alpha:g}"]
+        if self.mask is not None:
+            parts.append(f"{self.excluded} excluded, at most {self.exclude_cap} per layer"
+                         + (f", {self.included} included" if self.included else ""))
+        return "; ".join(parts)
+
+    def weakest_first(self) -> tuple:
+        """Sort key among equally good candidates: the least steering first."""
+        return (self.alpha, self.excluded + self.included, -(self.l1 or 0.0))
+
     def judge_cost(self, unsteered_0: float) -> float:
         return self.judge_rate + max(0.0, self.judge_rate_0 - unsteered_0)
 
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "lambda": self.l1, "alpha": self.alpha, "exclude_cap": self.exclude_cap,
+                "excluded": self.excluded, "included": self.included,
+                "surrogate_rate": round(self.surrogate_rate, 4), "judge_rate": self.judge_rate,
+                "judge_rate_label_0": self.judge_rate_0}
 
-def score_candidates(surrogate: RoutingSurrogate, biases: dict[float, torch.Tensor], alphas: Sequence[float],
-                     val_traces: Sequence[torch.Tensor]) -> list[Candidate]:
-    out = []
-    for l1, bias in biases.items():
-        for alpha in alphas:
-            rate = float(probabilities(surrogate, val_traces, alpha * bias).mean())
-            out.append(Candidate(l1, alpha, bias, surrogate_rate=rate))
+
+def make_candidates(biases: dict[float, torch.Tensor], alphas: Sequence[float],
+                    masks: dict[int, torch.Tensor]) -> list[Candidate]:
+    """Bias only (every S at every alpha), exclusions only (every mask), and both (every pairing)."""
+    out = [Candidate(l1, alpha, bias) for l1, bias in biases.items() for alpha in alphas]
+    for cap, mask in masks.items():
+        zero = torch.zeros(mask.shape, dtype=torch.float32)
+        out.append(Candidate(None, 0.0, zero, mask=mask, exclude_cap=cap))
+        out += [Candidate(l1, alpha, bias, mask=mask, exclude_cap=cap)
+                for l1, bias in biases.items() for alpha in alphas]
     return out
+
+
+def score_candidates(surrogate: RoutingSurrogate, candidates: list[Candidate],
+                     val_traces: Sequence[torch.Tensor]) -> list[Candidate]:
+    for c in candidates:
+        c.surrogate_rate = float(probabilities(surrogate, val_traces, c.alpha * c.bias, mask=c.mask).mean())
+    return candidates
 
 
 def choose_by_surrogate(candidates: Sequence[Candidate]) -> Candidate:
     best = min(c.surrogate_rate for c in candidates)
     near = [c for c in candidates if c.surrogate_rate <= best + SURROGATE_TOLERANCE]
-    return min(near, key=lambda c: (c.alpha, -c.l1))
+    return min(near, key=Candidate.weakest_first)
 
 
 def choose_by_judge(candidates: Sequence[Candidate], judged: Callable[[Candidate | None, int], float],
                     progress: bool = True) -> Candidate:
     """`judged(candidate or None for unsteered, label)`: share of that label's validation continuations flagged."""
     unsteered_0 = judged(None, 0)
-    for c in tqdm(candidates, desc="judge alphas", unit="candidate", disable=not progress):
+    for c in tqdm(candidates, desc="judge candidates", unit="candidate", disable=not progress):
         c.judge_rate, c.judge_rate_0 = judged(c, 1), judged(c, 0)
-    return min(candidates, key=lambda c: (c.judge_cost(unsteered_0), c.alpha, -c.l1))
+    return min(candidates, key=lambda c: (c.judge_cost(unsteered_0), *c.weakest_first()))

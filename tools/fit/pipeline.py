@@ -4,7 +4,10 @@
              -> capture router logits of every example once (sources.py, server.py)
              -> train the surrogate on the training split; accuracy on validation and test
              -> per lambda: optimise S on the training label-1 traces, sparsify
-             -> pick (lambda, alpha) on the validation split (surrogate, or judge)
+             -> per --exclude-cap: the experts to exclude, by the training split's risk
+                difference (SteerMoE; expert_selection.py)
+             -> pick among bias only, exclusions only and both on the validation split
+                (surrogate, or judge)
              -> the profile, with its provenance; the evaluation table on the test split
 
 Deterministic for a seed: every random draw (split, surrogate init, batch order, random
@@ -23,14 +26,18 @@ import torch
 from unipool_serve.model_executor.config import UniPoolConfig
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 from unipool_serve.model_executor.steering.shape import SteerableModel
-from . import optimise, report, surrogate as surrogate_mod
+from . import expert_selection, optimise, report, surrogate as surrogate_mod
 from .data import Example, Splits, split
 from .judge import Judge
 
 DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_LAMBDAS = (1e-3, 1e-2)
+DEFAULT_EXCLUDE_CAPS = (2, 4)
+DEFAULT_MIN_RISK_DIFFERENCE = 0.05
 METHOD = ("unipool-steering fit: MASCing surrogate (LayerNorm, shared Linear E->16, LSTM 64, Linear 1; BCE, Adam) "
-          "on router logits; S by Adam against the frozen surrogate (target label 0, L1), sparsified")
+          "on router logits; S by Adam against the frozen surrogate (target label 0, L1), sparsified; "
+          "SteerMoE exclusions (per-layer top-k selection risk difference label 1 - label 0, capped per layer); "
+          "bias only, exclusions only or both, chosen on the validation split")
 
 
 class FitError(ValueError):
@@ -44,6 +51,9 @@ class FitOptions:
     lambdas: Sequence[float] = DEFAULT_LAMBDAS
     alphas: Sequence[float] = DEFAULT_ALPHAS
     threshold: float = 0.1
+    exclude_caps: Sequence[int] = DEFAULT_EXCLUDE_CAPS  # () or (0,): bias only, as before selection existed
+    include_cap: int = 0
+    min_risk_difference: float = DEFAULT_MIN_RISK_DIFFERENCE
     surrogate_epochs: int = 30
     bias_epochs: int = 100
     judge: Judge | None = None
@@ -59,6 +69,7 @@ class FitResult:
     rows: list[report.Row]
     accuracy: dict[str, float]
     candidates: list[optimise.Candidate]
+    chosen: optimise.Candidate
     counts: dict[int, int] = field(default_factory=dict)  # test examples per label
 
     def table(self) -> str:
@@ -116,6 +127,20 @@ def fit_biases(model, data: Captured, opts: FitOptions) -> dict[float, torch.Ten
     return biases
 
 
+def select_experts(config, data: Captured, opts: FitOptions) -> tuple[torch.Tensor, dict]:
+    """(the training split's risk difference [L, E], cap -> mask); caps whose mask is empty or the
+    same as a smaller cap's are left out (they would be judged twice)."""
+    top_k = SteerableModel.of(config).top_k
+    rd = expert_selection.risk_difference(data.of_label("train", 1), data.of_label("train", 0), top_k)
+    masks: dict[int, torch.Tensor] = {}
+    for cap in sorted(set(opts.exclude_caps)):
+        mask = expert_selection.expert_mask(rd, exclude_cap=cap, top_k=top_k, min_rd=opts.min_risk_difference,
+                                            include_cap=opts.include_cap)
+        if mask.any() and not any(torch.equal(mask, m) for m in masks.values()):
+            masks[cap] = mask
+    return rd, masks
+
+
 def choose(model, candidates: list[optimise.Candidate], source, data: Captured, opts: FitOptions,
            as_profile) -> optimise.Candidate:
     """The candidate the judge (on the validation split's continuations) or else the surrogate prefers."""
@@ -123,7 +148,7 @@ def choose(model, candidates: list[optimise.Candidate], source, data: Captured, 
         return optimise.choose_by_surrogate(candidates)
 
     def judged_val(candidate, label):
-        profile = None if candidate is None else as_profile(candidate.bias, candidate.alpha)
+        profile = None if candidate is None else as_profile(candidate)
         texts = source.generate(data.examples("val", label), profile, opts.judge_tokens, progress=False)
         return opts.judge.rate(texts)
 
@@ -137,7 +162,7 @@ def evaluate(model, fitted: SteeringProfile, chosen: optimise.Candidate, source,
         return opts.judge.rate(source.generate(data.examples("test", label), profile, opts.judge_tokens,
                                                progress=False))
 
-    steerings = [("unsteered", None), (f"fitted (lambda {chosen.l1:g}, alpha {chosen.alpha:g})", fitted),
+    steerings = [("unsteered", None), (f"fitted ({chosen.describe()})", fitted),
                  *report.random_controls(fitted), *((f"compare: {p.name}", p) for p in opts.compare)]
     return report.evaluate(model, steerings, data.of_label("test", 1), data.of_label("test", 0),
                            judged if opts.judge is not None else None)
@@ -145,7 +170,7 @@ def evaluate(model, fitted: SteeringProfile, chosen: optimise.Candidate, source,
 
 def provenance(source, examples: list[Example], data_hash: str, data: Captured, acc: dict[str, float],
                chosen: optimise.Candidate, candidates: list[optimise.Candidate], rows: list[report.Row],
-               opts: FitOptions) -> dict:
+               rd: torch.Tensor, opts: FitOptions) -> dict:
     """How the profile was made: written into its file (never part of its routing or its hash)."""
     return {
         "method": METHOD, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -154,11 +179,14 @@ def provenance(source, examples: list[Example], data_hash: str, data: Captured, 
         "examples": {"label_1": sum(e.label for e in examples), "label_0": sum(1 - e.label for e in examples)},
         "tokens": "chat: the final user message; plain prompt: every prompt token",
         "surrogate": {"epochs": opts.surrogate_epochs, "accuracy": {k: round(v, 4) for k, v in acc.items()}},
-        "lambda": chosen.l1, "alpha": chosen.alpha, "threshold": opts.threshold, "bias_epochs": opts.bias_epochs,
-        "nonzero": int((chosen.bias != 0).sum()),
+        "kind": chosen.kind, "lambda": chosen.l1, "alpha": None if chosen.l1 is None else chosen.alpha,
+        "threshold": opts.threshold, "bias_epochs": opts.bias_epochs, "nonzero": int((chosen.bias != 0).sum()),
+        "exclude_cap": chosen.exclude_cap, "excluded": chosen.excluded, "included": chosen.included,
+        "selection": {"exclude_caps": list(opts.exclude_caps), "include_cap": opts.include_cap,
+                      "min_risk_difference": opts.min_risk_difference,
+                      "risk_difference": [[round(float(v), 4) for v in row] for row in rd]},
         "alpha_chosen_by": opts.judge.spec if opts.judge is not None else "surrogate",
-        "candidates": [{"lambda": c.l1, "alpha": c.alpha, "surrogate_rate": round(c.surrogate_rate, 4),
-                        "judge_rate": c.judge_rate, "judge_rate_label_0": c.judge_rate_0} for c in candidates],
+        "candidates": [c.as_dict() for c in candidates],
         "evaluation": [r.as_dict() for r in rows],
     }
 
@@ -169,15 +197,19 @@ def run_fit(source, config: UniPoolConfig, examples: list[Example], data_hash: s
     model = surrogate_mod.train_surrogate(data.traces["train"], data.labels["train"], seed=opts.seed,
                                           epochs=opts.surrogate_epochs, progress=opts.progress)
     acc = {name: surrogate_mod.accuracy(model, data.traces[name], data.labels[name]) for name in ("train", "val", "test")}
-    candidates = optimise.score_candidates(model, fit_biases(model, data, opts), opts.alphas, data.of_label("val", 1))
+    rd, masks = select_experts(config, data, opts)
+    candidates = optimise.score_candidates(model, optimise.make_candidates(fit_biases(model, data, opts), opts.alphas,
+                                                                           masks), data.of_label("val", 1))
 
-    def as_profile(bias, alpha, provenance=None):
-        return SteeringProfile.for_config(config, name=opts.name, bias=bias, alpha=alpha, description=opts.description,
+    def as_profile(candidate: optimise.Candidate, provenance=None):
+        include, exclude = ({}, {}) if candidate.mask is None else expert_selection.mask_sets(candidate.mask)
+        return SteeringProfile.for_config(config, name=opts.name, bias=candidate.bias, alpha=candidate.alpha or 1.0,
+                                          include=include, exclude=exclude, description=opts.description,
                                           provenance=provenance)
 
     chosen = choose(model, candidates, source, data, opts, as_profile)
-    rows = evaluate(model, as_profile(chosen.bias, chosen.alpha), chosen, source, data, opts)
-    made = provenance(source, examples, data_hash, data, acc, chosen, candidates, rows, opts)
-    profile = as_profile(chosen.bias, chosen.alpha, provenance=made)
+    rows = evaluate(model, as_profile(chosen), chosen, source, data, opts)
+    made = provenance(source, examples, data_hash, data, acc, chosen, candidates, rows, rd, opts)
+    profile = as_profile(chosen, provenance=made)
     counts = {y: len(data.examples("test", y)) for y in (0, 1)}
-    return FitResult(profile, rows, acc, candidates, counts)
+    return FitResult(profile, rows, acc, candidates, chosen, counts)

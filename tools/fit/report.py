@@ -1,12 +1,14 @@
 """The evaluation table of a fitted profile (test split) and the provenance it records.
 
-Rows: unsteered, the fitted profile, random controls of the same sparsity (per layer the
-same nonzero values of S on experts drawn at random, the same alpha; three seeds), and any
+Rows: unsteered, the fitted profile, random controls of the same size (per layer the same
+nonzero values of S and the same numbers of excluded and included experts, moved together
+by one random permutation of the layer's experts, the same alpha; three seeds), and any
 profile given with --compare. Columns: the share of test examples the surrogate calls
 "behaviour" (P > 0.5), for label-1 and label-0 examples, seen on the captured logits
-steered as the engine steers them (later layers' inputs are not recomputed: the
-surrogate's view, as in the optimisation); and, with a judge, the share of greedy
-continuations the judge flags (end to end, through the source).
+steered as the engine steers them, masks in the surrogate's finite form (surrogate.py;
+later layers' inputs are not recomputed: the surrogate's view, as in the optimisation);
+and, with a judge, the share of greedy continuations the judge flags (end to end,
+through the source).
 """
 
 from __future__ import annotations
@@ -18,31 +20,37 @@ from dataclasses import dataclass
 import torch
 
 from unipool_serve.model_executor.steering.profile import SteeringProfile
+from .expert_selection import mask_sets
 from .surrogate import RoutingSurrogate, probabilities
 
 RANDOM_SEEDS = (0, 1, 2)
 
 
-def random_like(bias: torch.Tensor, seed: int) -> torch.Tensor:
-    """Per layer, the same values placed on a random permutation of the experts."""
+def random_like(bias: torch.Tensor, mask: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, the same bias values and mask entries placed on one random permutation of the experts."""
     generator = torch.Generator().manual_seed(seed)
-    out = torch.zeros_like(bias)
+    out_bias, out_mask = torch.zeros_like(bias), torch.zeros_like(mask)
     for layer in range(bias.shape[0]):
-        out[layer, torch.randperm(bias.shape[1], generator=generator)] = bias[layer]
-    return out
+        perm = torch.randperm(bias.shape[1], generator=generator)
+        out_bias[layer, perm], out_mask[layer, perm] = bias[layer], mask[layer]
+    return out_bias, out_mask
 
 
 def random_controls(profile: SteeringProfile) -> list[tuple[str, SteeringProfile]]:
-    return [(f"random control, seed {seed}",
-             dataclasses.replace(profile, name=f"{profile.name[:48]}.random-{seed}",
-                                 bias=random_like(profile.bias, seed), provenance=None))
-            for seed in RANDOM_SEEDS]
+    controls = []
+    for seed in RANDOM_SEEDS:
+        bias, mask = random_like(profile.bias, profile.mask_rows(), seed)
+        include, exclude = mask_sets(mask)
+        controls.append((f"random control, seed {seed}",
+                         dataclasses.replace(profile, name=f"{profile.name[:48]}.random-{seed}", bias=bias,
+                                             include=include, exclude=exclude, provenance=None)))
+    return controls
 
 
 @dataclass
 class Row:
     steering: str
-    surrogate_1: float | None  # share of label-1 test examples the surrogate flags (None: has include/exclude)
+    surrogate_1: float | None  # share of label-1 test examples the surrogate flags (None: no label-1 examples)
     surrogate_0: float | None
     judge_1: float | None = None  # share of label-1 test continuations the judge flags (None: no judge)
     judge_0: float | None = None
@@ -56,10 +64,8 @@ def surrogate_share(surrogate: RoutingSurrogate, traces: Sequence[torch.Tensor],
                     profile: SteeringProfile | None) -> float | None:
     if not traces:
         return None
-    if profile is not None and bool(profile.mask_rows().any()):
-        return None  # the surrogate's view has no form for include/exclude
-    bias = None if profile is None else profile.bias_rows()
-    return float((probabilities(surrogate, traces, bias) > 0.5).float().mean())
+    bias, mask = (None, None) if profile is None else (profile.bias_rows(), profile.mask_rows())
+    return float((probabilities(surrogate, traces, bias, mask=mask) > 0.5).float().mean())
 
 
 def evaluate(surrogate, steerings: Sequence[tuple[str, SteeringProfile | None]], traces_1, traces_0,

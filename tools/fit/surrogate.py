@@ -9,8 +9,12 @@ MASCing's shape. Shapes: B examples, T tokens, L layers, E experts of a layer's 
       -> LSTM (hidden 64) over the tokens, last hidden state
       -> Linear 64 -> 1: the logit of label 1
 
-Trained with BCE and Adam. Steering enters exactly as the engine applies it
-(`steer_traces`: kernels.routing_reference.steer_logits, per token and layer).
+Trained with BCE and Adam. A bias enters exactly as the engine applies it
+(`steer_traces`: kernels.routing_reference.steer_logits, per token and layer). Masks have
+no exact form in logits a LayerNorm can read (the engine removes an excluded expert, an
+-inf here), so the surrogate sees their effect on the choice in finite values: an
+excluded expert's logit drops to the lowest of its token's row, an included one rises to
+the highest of the others (the engine's ceiling), both after the bias.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 from tqdm.auto import tqdm
 
-from unipool_serve.kernels.routing_reference import steer_logits
+from unipool_serve.kernels.routing_reference import EXCLUDE, INCLUDE, steer_logits
 
 EMBED, HIDDEN = 16, 64
 
@@ -52,12 +56,22 @@ def pad(traces: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return pad_sequence([t.float() for t in traces], batch_first=True), torch.tensor([len(t) for t in traces])
 
 
-def steer_traces(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def steer_traces(x: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, T, L, E] raw logits steered by bias [L, E] (alpha folded in), per token and layer as the
-    engine does: z + sigma_t * bias[l]. Differentiable in `bias`. Zero padding stays zero (sigma 0)."""
+    engine does: z + sigma_t * bias[l]; then, with mask [L, E] int8, excluded experts set to their
+    row's lowest logit and included ones to the highest of the rest (the module doc). Differentiable
+    in `bias`. Zero padding stays zero (sigma 0, and its row's lowest and highest are 0)."""
     experts = x.shape[-1]
-    rows = bias.expand_as(x).reshape(-1, experts)
-    return steer_logits(x.reshape(-1, experts), rows).reshape(x.shape)
+    if bias is not None:
+        rows = bias.expand_as(x).reshape(-1, experts)
+        x = steer_logits(x.reshape(-1, experts), rows).reshape(x.shape)
+    if mask is None or not bool(mask.any()):
+        return x
+    exclude, include = (mask == EXCLUDE).expand_as(x), (mask == INCLUDE).expand_as(x)
+    floor = x.amin(dim=-1, keepdim=True).expand_as(x)
+    x = torch.where(exclude, floor, x)
+    ceiling = x.masked_fill(exclude, float("-inf")).amax(dim=-1, keepdim=True).expand_as(x)
+    return torch.where(include, ceiling, x)
 
 
 def batches(count: int, batch_size: int, generator: torch.Generator | None):
@@ -92,13 +106,14 @@ def train_surrogate(traces: Sequence[torch.Tensor], labels: Sequence[int], *, se
 
 @torch.no_grad()
 def probabilities(model: RoutingSurrogate, traces: Sequence[torch.Tensor], bias: torch.Tensor | None = None,
-                  batch_size: int = 256) -> torch.Tensor:
-    """P(label 1) per trace [N], with the traces steered by `bias` [L, E] (alpha folded in) if given."""
+                  batch_size: int = 256, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """P(label 1) per trace [N], with the traces steered by `bias` [L, E] (alpha folded in) and `mask`
+    [L, E] int8 where given."""
     out = []
     for idx in batches(len(traces), batch_size, None):
         x, lengths = pad([traces[int(i)] for i in idx])
-        if bias is not None:
-            x = steer_traces(x, bias)
+        if bias is not None or mask is not None:
+            x = steer_traces(x, bias, mask)
         out.append(torch.sigmoid(model(x, lengths)))
     return torch.cat(out)
 
