@@ -61,8 +61,9 @@ def moe_layers(model) -> list[int]:
 
 @contextlib.contextmanager
 def steered(model, kind: str, bias_rows: torch.Tensor, mask_rows: torch.Tensor, routed_scale: float = 1.0,
-            record: dict | None = None):
-    """Every token of every forward inside runs under one profile's rows (bias [L, E], mask [L, E]).
+            record: dict | None = None, budget: int | None = None):
+    """Every token of every forward inside runs under one profile's rows (bias [L, E], mask [L, E]), and
+    an expert budget (`budget` slots of each token's top-k kept, as the engine's router tap keeps them).
     `record`, if given, receives {layer: (raw logits [T, E], chosen ids [T, k], their weights [T, k])}
     of the last forward."""
     handles = []
@@ -78,8 +79,11 @@ def steered(model, kind: str, bias_rows: torch.Tensor, mask_rows: torch.Tensor, 
             mode.__exit__(None, None, None)
             if kind.startswith("grouped-"):
                 output = _grouped(module, output, mask_rows[layer], kind)
+            used = output[2]
+            if budget is not None:
+                output, used = _budgeted(module, output, budget, mask_rows.shape[1])
             if record is not None:
-                record[layer] = (mode.raw, output[2], output[1])
+                record[layer] = (mode.raw, used, output[1])
             return output
 
         handles += [router.register_forward_pre_hook(pre), router.register_forward_hook(post)]
@@ -103,6 +107,27 @@ def _grouped(module, output, mask_row: torch.Tensor, kind: str):
     return logits, weights.to(output[1].dtype), ids.to(output[2].dtype)
 
 
+def _renormalises(router) -> bool:
+    """Whether transformers' router renormalises its top-k weights: Mixtral's and gpt-oss's always (gpt-oss
+    takes a softmax over the top-k logits), DeepSeek V1/V2's never, the others by `norm_topk_prob`."""
+    name = type(router).__name__
+    return name.startswith(("Mixtral", "GptOss")) or bool(getattr(router, "norm_topk_prob", False))
+
+
+def _budgeted(module, output, budget: int, num_experts: int):
+    """(the router's output with each token's `budget` heaviest slots kept, the ids it used): the other
+    slots get weight 0 (the model still computes their experts, as vLLM's kernels do) and id E in the
+    ids used, as the engine's capture holds a dropped slot; where the router renormalises, the kept ones
+    are renormalised to the sum it gave all k (DeepSeek's routed scaling kept; family_hooks.RouterTap.budget)."""
+    logits, weights, ids = output
+    rank = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = heaviest
+    dropped = rank >= budget
+    kept = weights.masked_fill(dropped, 0)
+    if _renormalises(module) and dropped.any():
+        kept = kept * (weights.sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True).clamp_min(1e-20))
+    return (logits, kept, ids), ids.masked_fill(dropped, num_experts)
+
+
 @torch.no_grad()
 def logprobs(model, token_ids: list[int]) -> torch.Tensor:
     """[S, V] next-token log-probabilities over a whole sequence (fp64 from fp32 logits)."""
@@ -111,11 +136,11 @@ def logprobs(model, token_ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def routing(model, kind: str, token_ids: list[int], bias_rows: torch.Tensor, mask_rows: torch.Tensor,
-            routed_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward over `token_ids` under the rows: (raw logits [T, R, E], chosen ids [T, R, k], their
-    routing weights [T, R, k]), one row R per MoE layer (moe_layers)."""
+            budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over `token_ids` under the rows and budget: (raw logits [T, R, E], the ids used
+    [T, R, k], dropped slots E, their routing weights [T, R, k]), one row R per MoE layer (moe_layers)."""
     record = {}
-    with steered(model, kind, bias_rows, mask_rows, routed_scale, record=record):
+    with steered(model, kind, bias_rows, mask_rows, record=record, budget=budget):
         model(torch.tensor([token_ids]))
     rows = [record[layer] for layer in sorted(record)]
     return tuple(torch.stack([row[i] for row in rows], dim=1) for i in range(3))

@@ -112,15 +112,18 @@ class RouterTap:
 
     def budget(self, budget: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
         """Each token keeps its `budget` heaviest slots; the others get weight 0 (vLLM's kernels still
-        compute them: its kernels have no "dropped" id); the kept ones are renormalised where the router
-        does. vLLM's CPU router takes its top-k unsorted, so slots are ranked by weight, not position.
-        Returns (weights, ids for the counts: the dropped slots as E, which is not counted)."""
+        compute them: its kernels have no "dropped" id); where the router renormalises, the kept ones are
+        renormalised to the sum the router gave all k (1, or DeepSeek's routed_scaling_factor, which vLLM's
+        CPU router folds into the weights). vLLM's CPU router takes its top-k unsorted, so slots are ranked
+        by weight, not position. Returns (weights, ids for the counts: the dropped slots as E, which is not
+        counted)."""
         rank = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # [T, k]: 0 = heaviest
         dropped = rank >= budget.to(ids.device).view(-1, 1)  # [T, k]
         kept = weights.masked_fill(dropped, 0)
         if self.renormalize:
             budgeted = dropped.any(dim=-1, keepdim=True)
-            kept = torch.where(budgeted, kept / kept.sum(dim=-1, keepdim=True).clamp_min(1e-20), kept)
+            total = weights.sum(dim=-1, keepdim=True)
+            kept = torch.where(budgeted, kept * (total / kept.sum(dim=-1, keepdim=True).clamp_min(1e-20)), kept)
         return kept, ids.masked_fill(dropped, self.counts.counts.shape[1])
 
 

@@ -7,19 +7,26 @@ greedy tokens and prompt logprobs, unsteered and under three profiles in one mix
 which also equals solo runs; excluded experts never routed and included ones always (routing
 counts); a routed budget of zero where the model has shared experts. Two architectures (one
 gate in the model's MoE block, one inside FusedMoE's runner with grouped top-k) are also
-compared with an engine WITHOUT the steering worker, token for token.
+compared with an engine WITHOUT the steering worker, token for token. Routing capture: the raw
+router logits (fp16) and the experts used (steered, budgeted) of each MoE layer equal what
+transformers' own routers compute under the same steering, in a mixed batch as solo, and capture
+never changes a token.
 
 DeepSeek runs as the non-MLA variant (qk_nope/qk_rope dims 0: vLLM's plain multi-head
 DeepseekAttention) with VLLM_MLA_DISABLE=1: transformers 5.19's DeepSeek configs reject
 kv_lora_rank=None, and vLLM 0.32's CPU MLA path needs head dim 576 (docs/steering-vllm-models.md).
 """
 
+import io
+
+import numpy as np
 import pytest
 import torch
 
-from unipool_serve.model_executor.reference import family_steering as family_reference
 from engine_checks import LOGPROB_TOL, env, prompts, start_engine, stop_engine
 from unipool_serve.demo.tiny_families import TINY_FAMILIES, load_reference, write_family_model
+from unipool_serve.model_executor.reference import family_steering as family_reference
+from unipool_serve.model_executor.steering import contract
 from unipool_serve.model_executor.steering.offline import OfflineSteering
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 from unipool_serve.model_executor.steering.shape import SteerableModel
@@ -107,13 +114,16 @@ def reference(family):
     return load_reference(family[1])
 
 
-def _generate(llm, prompt_ids, names):
+def _generate(llm, prompt_ids, names, budgets=None, capture=None):
+    """Greedy outputs; per request a profile name, an expert budget and routing-capture flags (or None)."""
     from vllm import SamplingParams
 
     steering = getattr(llm, "unipool_steering", None)
     names = names or [None] * len(prompt_ids)
+    budgets, capture = budgets or [None] * len(names), capture or [0] * len(names)
     params = [SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True, logprobs=1, prompt_logprobs=1,
-                             extra_args=steering.extra_args(n) if n else None) for n in names]
+                             extra_args=steering.extra_args(n, budget=b, capture=c) if n or b or c else None)
+              for n, b, c in zip(names, budgets, capture)]
     return llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
 
 
@@ -191,3 +201,102 @@ def test_shared_experts_only_request(llm, family, reference):
     _assert_reference_agrees(reference, shape, batch[0], ids[0], llm.unipool_profiles["shared-only"])
     _assert_reference_agrees(reference, shape, batch[1], ids[1], None)  # its neighbour is untouched
     assert batch[0].outputs[0].token_ids != _generate(llm, [ids[0]], None)[0].outputs[0].token_ids
+
+
+# ---- routing capture ----------------------------------------------------------------------------
+CAPTURE = contract.CAPTURE_EXPERTS | contract.CAPTURE_LOGITS
+
+
+def _capturing_ids(worker) -> list[str]:
+    """The engine request ids whose routing the worker holds (vLLM adds a suffix to LLM's ids)."""
+    captured = getattr(worker, "worker", worker)._steering_rows.captured
+    return list(captured._rows)
+
+
+def _take_capture(llm, outs) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{output index: (experts [T, R, k], logits [T, R, E])} of the capturing requests among `outs`."""
+    held = llm.collective_rpc(_capturing_ids)[0]
+    by_output = {i: r for i, out in enumerate(outs) for r in held if r.rsplit("-", 1)[0] == out.request_id}
+    taken = llm.collective_rpc(contract.RPC_TAKE_CAPTURE, args=(list(by_output.values()),))[0]
+    return {i: (np.load(io.BytesIO(taken[r]["experts"])), np.load(io.BytesIO(taken[r]["logits"])))
+            for i, r in by_output.items()}
+
+
+def _assert_capture_is_transformers_routing(ref, shape, out, prompt, captured, profile, budget):
+    """The captured rows equal transformers' routers on the computed positions (the prompt and the output
+    but its last token), under the request's profile and effective budget."""
+    experts, logits = captured
+    seq = prompt + list(out.outputs[0].token_ids)[:-1]
+    if profile is not None:
+        rows = (profile.bias_rows(), profile.mask_rows())
+    else:
+        rows = (torch.zeros(shape.num_layers, shape.num_experts),
+                torch.zeros(shape.num_layers, shape.num_experts, dtype=torch.int8))
+    raw, used, _ = family_reference.routing(ref, shape.router_kind, seq, *rows, budget=budget)
+    assert logits.dtype == np.float16 and logits.shape == tuple(raw.shape)
+    scale = max(1.0, float(raw.abs().max()))
+    torch.testing.assert_close(torch.from_numpy(logits).float(), raw, atol=2e-3 * scale, rtol=0)
+    assert experts.shape == tuple(used.shape)
+    got = np.sort(experts.astype(np.int64), axis=-1)
+    want = used.sort(dim=-1).values.numpy()
+    assert np.array_equal(got, want), f"experts differ at (token, row) {np.argwhere((got != want).any(-1))[:5].tolist()}"
+
+
+def test_capture_layers_are_the_moe_layers(llm, family, reference):
+    _, _, shape = family
+    layers = llm.collective_rpc(contract.RPC_CAPTURE_LAYERS)[0]
+    assert layers == [l for l in range(shape.num_layers) if l not in shape.dense_layers]
+    assert layers == family_reference.moe_layers(reference)
+
+
+def test_unsteered_capture_is_transformers_router_logits_and_top_k(llm, family, reference):
+    """transformers' own `output_router_logits` (a tuple: the MoE layers only) and its routers' top-k."""
+    _, _, shape = family
+    ids = prompts(seed=25, lengths=(7, 16))
+    outs = _generate(llm, ids, None, capture=[CAPTURE, CAPTURE])
+    captured = _take_capture(llm, outs)
+    assert sorted(captured) == [0, 1]
+    for i, (out, prompt) in enumerate(zip(outs, ids)):
+        seq = prompt + list(out.outputs[0].token_ids)[:-1]
+        with torch.no_grad():
+            hf = reference(torch.tensor([seq]), output_router_logits=True).router_logits
+        experts, logits = captured[i]
+        want = torch.stack(hf, dim=1)  # [T, R, E]
+        torch.testing.assert_close(torch.from_numpy(logits).float(), want,
+                                   atol=2e-3 * max(1.0, float(want.abs().max())), rtol=0)
+        _assert_capture_is_transformers_routing(reference, shape, out, prompt, captured[i], None, None)
+
+
+def test_capture_in_a_mixed_batch_is_each_requests_routing_and_changes_no_token(llm, family, reference):
+    _, _, shape = family
+    profiles = llm.unipool_profiles
+    # budgets on "bias", not "include": an included expert's logit is one ulp above the maximum, a
+    # tie in weight that vLLM's unsorted slots and transformers' sorted ones could break apart
+    names = [None, "bias", None, "exclude", "include", "bias", None, "include"]
+    budgets = [None, None, None, None, None, 1, 1, None]
+    capture = [CAPTURE, CAPTURE, 0, CAPTURE, 0, CAPTURE, CAPTURE, CAPTURE]
+    if shape.shared_experts:
+        names[7] = "shared-only"
+    ids = prompts(seed=26, lengths=(6, 13, 9, 21, 11, 8, 17, 10))
+    batch = _generate(llm, ids, names, budgets, capture)
+    captured = _take_capture(llm, batch)
+    assert sorted(captured) == [i for i, c in enumerate(capture) if c]
+    plain = _generate(llm, ids, names, budgets)  # the same batch, nothing captured
+    assert [list(o.outputs[0].token_ids) for o in batch] == [list(o.outputs[0].token_ids) for o in plain]
+    for i in captured:
+        profile = profiles[names[i]] if names[i] else None
+        budget = contract.effective_budget(budgets[i], contract.parse_budget(profile.expert_budget) if profile else None,
+                                           shape.top_k, shape.shared_experts)
+        _assert_capture_is_transformers_routing(reference, shape, batch[i], ids[i], captured[i], profile, budget)
+        solo = _generate(llm, [ids[i]], [names[i]], [budgets[i]], [CAPTURE])
+        assert list(solo[0].outputs[0].token_ids) == list(batch[i].outputs[0].token_ids)
+        alone = _take_capture(llm, solo)[0]
+        assert np.array_equal(np.sort(alone[0], -1), np.sort(captured[i][0], -1))
+        torch.testing.assert_close(torch.from_numpy(alone[1]).float(), torch.from_numpy(captured[i][1]).float(),
+                                   atol=2e-3 * max(1.0, float(np.abs(alone[1]).max())), rtol=0)
+    dropped = shape.num_experts
+    for i in (5, 6):
+        assert ((captured[i][0] == dropped).sum(-1) == shape.top_k - 1).all()  # a budget of 1 keeps one slot
+    assert not (captured[3][0] < 2).any()  # the profile excluding experts 0 and 1
+    if shape.shared_experts:
+        assert (captured[7][0] == dropped).all()  # a routed budget of zero: shared experts only

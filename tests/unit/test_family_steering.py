@@ -200,6 +200,7 @@ class _UnsortedRouter:
 
     def select_experts(self, hidden_states, router_logits, topk_indices_dtype=None, **kwargs):
         weights, ids = torch.softmax(router_logits, -1).topk(4, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)  # renormalize = True
         return weights.flip(-1), ids.flip(-1).to(torch.int32)  # the lightest slot first
 
 
@@ -225,6 +226,25 @@ def test_hooks_capture_raw_logits_and_the_routing_used_and_budgets_keep_the_heav
     assert torch.equal(kept[kept != E].view(T, 2).sort(-1).values, best_two.to(torch.int32))  # the heaviest two
     assert ((weights > 0).sum(-1) == 2).all() and torch.allclose(weights.sum(-1), torch.ones(T))
     assert capture.layers == (1,) and counts.counts[1].sum() == T * 2
+
+
+class _ScaledRouter(_UnsortedRouter):
+    """Like vLLM's CPU grouped router for DeepSeek: renormalised weights times routed_scaling_factor."""
+
+    def select_experts(self, hidden_states, router_logits, topk_indices_dtype=None, **kwargs):
+        weights, ids = super().select_experts(hidden_states, router_logits)
+        return weights * 1.5, ids
+
+
+def test_a_budget_keeps_the_routed_scaling_factor():
+    logits, _, _ = _rows(seed=5)
+    table = SteeringTable(T, 2, E, 2, top_k=4)
+    table.budget[:T] = 1
+    router = _ScaledRouter()
+    RouterTap(router, table, RoutingCounts(2, E), layer=0, grouped=False)
+    weights, _ = router.select_experts(None, logits)
+    assert ((weights > 0).sum(-1) == 1).all()
+    assert torch.allclose(weights.sum(-1), torch.full((T,), 1.5))  # the one kept expert carries the whole scale
 
 
 def test_pool_metrics_skip_dense_layers_and_cap_expert_series():
