@@ -307,6 +307,8 @@ def test_cli_fits_a_profile_on_the_crafted_model(crafted_model, tmp_path, capsys
     assert steering_cli(argv) == 0
     printed = capsys.readouterr().out
     assert "| unsteered" in printed and "random control, seed 2" in printed and f"wrote {out}" in printed
+    chosen_rows = [line for line in printed.splitlines() if line.startswith("| * ")]
+    assert len(chosen_rows) == 1 and "| bias only " in printed and "| exclusions only " in printed
     profile = SteeringProfile.load(out)
     made = profile.provenance
     assert made["surrogate"]["accuracy"]["test"] >= 0.9, made

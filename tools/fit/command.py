@@ -150,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"surrogate accuracy: train {acc['train']:.1%}, validation {acc['val']:.1%}, test {acc['test']:.1%}")
     print(f"chosen: {made['kind']}: {result.chosen.describe()} (by {made['alpha_chosen_by']}), "
           f"{made['nonzero']} nonzero entries of {result.profile.num_layers} x {result.profile.num_experts}")
+    print("candidates on the validation split (* chosen):")
+    print(result.candidates_table())
     print("behaviour rate on the test split:")
     print(result.table())
     print(f"wrote {args.out}")

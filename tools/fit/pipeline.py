@@ -75,6 +75,9 @@ class FitResult:
     def table(self) -> str:
         return report.format_table(self.rows, self.counts)
 
+    def candidates_table(self) -> str:
+        return report.format_candidates(self.candidates, self.chosen)
+
 
 def check_logits_shape(traces: Sequence[torch.Tensor], config: UniPoolConfig | SteerableModel, source: str) -> None:
     model = SteerableModel.of(config)  # a UniPool config, or a family's shape

@@ -21,6 +21,7 @@ import torch
 
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 from .expert_selection import mask_sets
+from .optimise import Candidate
 from .surrogate import RoutingSurrogate, probabilities
 
 RANDOM_SEEDS = (0, 1, 2)
@@ -84,6 +85,12 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def _markdown(head: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+    fmt = lambda line: "| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, body)])
+
+
 def format_table(rows: Sequence[Row], counts: dict[int, int]) -> str:
     judged = any(r.judge_1 is not None for r in rows)
     head = ["steering", f"surrogate, label 1 (n={counts[1]})", f"surrogate, label 0 (n={counts[0]})"]
@@ -91,6 +98,17 @@ def format_table(rows: Sequence[Row], counts: dict[int, int]) -> str:
         head += [f"judge, label 1 (n={counts[1]})", f"judge, label 0 (n={counts[0]})"]
     body = [[r.steering, _pct(r.surrogate_1), _pct(r.surrogate_0)]
             + ([_pct(r.judge_1), _pct(r.judge_0)] if judged else []) for r in rows]
-    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-    fmt = lambda line: "| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, body)])
+    return _markdown(head, body)
+
+
+def format_candidates(candidates: Sequence[Candidate], chosen: Candidate) -> str:
+    """The validation split's scores of every candidate (bias only, exclusions only, both), the chosen one marked."""
+    judged = any(c.judge_rate is not None for c in candidates)
+    head = ["", "kind", "lambda", "alpha", "excluded", "surrogate P(label 1)"]
+    if judged:
+        head += ["judge, label 1", "judge, label 0"]
+    body = [["*" if c is chosen else "", c.kind, "-" if c.l1 is None else f"{c.l1:g}",
+             "-" if c.l1 is None else f"{c.alpha:g}",
+             f"{c.excluded} (cap {c.exclude_cap})" if c.mask is not None else "0", f"{c.surrogate_rate:.3f}"]
+            + ([_pct(c.judge_rate), _pct(c.judge_rate_0)] if judged else []) for c in candidates]
+    return _markdown(head, body)
