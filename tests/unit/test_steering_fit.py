@@ -21,7 +21,7 @@ from unipool_serve.tools.steering_cli import main as steering_cli
 from unipool_serve.tools.fit import expert_selection, optimise, report, surrogate
 from unipool_serve.tools.fit.data import Example, FitDataError, read_examples, split
 from unipool_serve.tools.fit.judge import JudgeError, parse_judge
-from unipool_serve.tools.fit.pipeline import FitOptions, run_fit
+from unipool_serve.tools.fit.pipeline import FitError, FitOptions, run_fit
 from unipool_serve.model_executor.steering.profile import SteeringProfile
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -229,6 +229,16 @@ def test_exclude_cap_zero_fits_a_bias_only():
     config = tiny_config(num_hidden_layers=L, num_experts=E)
     result = run_fit(SyntheticSource(), config, labelled(10), "0" * 64, _options(exclude_caps=(0,)))
     assert {c.kind for c in result.candidates} == {"bias only"} and not result.profile.exclude
+
+
+def test_exclusions_remain_candidates_when_every_s_is_zero():
+    config = tiny_config(num_hidden_layers=L, num_experts=E)
+    result = run_fit(SyntheticSource(flips_on="exclusion"), config, labelled(10), "0" * 64,
+                     _options(lambdas=(10.0,), judge=parse_judge("regex:^code$")))  # an L1 that zeroes S
+    assert {c.kind for c in result.candidates} == {"exclusions only"}
+    assert SPIKE in result.profile.exclude[1] and result.rows[1].judge_1 == 0.0
+    with pytest.raises(FitError, match="every fitted S is zero"):
+        run_fit(SyntheticSource(), config, labelled(10), "0" * 64, _options(lambdas=(10.0,), exclude_caps=(0,)))
 
 
 # ---- data and judges ------------------------------------------------------------

@@ -115,8 +115,9 @@ def capture_splits(source, config: UniPoolConfig, examples: list[Example], opts:
     return Captured(splits, traces, {name: [e.label for e in part] for name, part in parts.items()})
 
 
-def fit_biases(model, data: Captured, opts: FitOptions) -> dict[float, torch.Tensor]:
-    """lambda -> the sparsified S it gives (the all-zero ones left out)."""
+def fit_biases(model, data: Captured, opts: FitOptions, have_exclusions: bool) -> dict[float, torch.Tensor]:
+    """lambda -> the sparsified S it gives (the all-zero ones left out). None left is an error only
+    when there are no exclusion sets either: exclusions only are still candidates."""
     biases = {}
     for l1 in opts.lambdas:
         fitted = optimise.fit_bias(model, data.of_label("train", 1), l1=l1, seed=opts.seed, epochs=opts.bias_epochs,
@@ -124,9 +125,10 @@ def fit_biases(model, data: Captured, opts: FitOptions) -> dict[float, torch.Ten
         sparse = optimise.sparsify(fitted, opts.threshold)
         if sparse.any():
             biases[l1] = sparse
-    if not biases:
-        raise FitError(f"every fitted S is zero once entries with |S| <= {opts.threshold} are dropped: lower --lambda "
-                       "or --threshold (or check the surrogate's accuracy: it may have found no signal)")
+    if not biases and not have_exclusions:
+        raise FitError(f"every fitted S is zero once entries with |S| <= {opts.threshold} are dropped, and no expert "
+                       f"passes --min-risk-difference {opts.min_risk_difference}: lower --lambda or --threshold (or "
+                       "check the surrogate's accuracy: it may have found no signal)")
     return biases
 
 
@@ -201,8 +203,9 @@ def run_fit(source, config: UniPoolConfig, examples: list[Example], data_hash: s
                                           epochs=opts.surrogate_epochs, progress=opts.progress)
     acc = {name: surrogate_mod.accuracy(model, data.traces[name], data.labels[name]) for name in ("train", "val", "test")}
     rd, masks = select_experts(config, data, opts)
-    candidates = optimise.score_candidates(model, optimise.make_candidates(fit_biases(model, data, opts), opts.alphas,
-                                                                           masks), data.of_label("val", 1))
+    biases = fit_biases(model, data, opts, have_exclusions=bool(masks))
+    candidates = optimise.score_candidates(model, optimise.make_candidates(biases, opts.alphas, masks),
+                                           data.of_label("val", 1))
 
     def as_profile(candidate: optimise.Candidate, provenance=None):
         include, exclude = ({}, {}) if candidate.mask is None else expert_selection.mask_sets(candidate.mask)
