@@ -228,7 +228,9 @@ def test_cli_fits_through_a_server(cli_with, tmp_path):
     code, out, err = cli_with(FakeServer(signal=True))
     assert code == 0, err
     profile = SteeringProfile.load(tmp_path / "calm.safetensors")
-    assert profile.provenance["source"] == "server http://fake:8000" and profile.bias[1, SPIKE] < 0
+    assert profile.provenance["source"] == "server http://fake:8000"
+    # whichever kind the surrogate chose, the marker's expert is pushed down or excluded
+    assert profile.bias[1, SPIKE] < 0 or SPIKE in profile.exclude.get(1, []), profile.provenance["kind"]
     assert "| unsteered" in out
 
 
