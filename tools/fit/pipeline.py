@@ -146,34 +146,36 @@ def select_experts(config, data: Captured, opts: FitOptions) -> tuple[torch.Tens
     return rd, masks
 
 
-def choose(model, candidates: list[optimise.Candidate], source, data: Captured, opts: FitOptions,
+def judge_on(split: str, source, data: Captured, opts: FitOptions):
+    """(profile or None, label) -> the judge's rate of the split's continuations under that profile."""
+    def judged(profile, label):
+        return opts.judge.rate(source.generate(data.examples(split, label), profile, opts.judge_tokens,
+                                               progress=False))
+
+    return judged
+
+
+def choose(candidates: list[optimise.Candidate], source, data: Captured, opts: FitOptions,
            as_profile) -> optimise.Candidate:
     """The candidate the judge (on the validation split's continuations) or else the surrogate prefers."""
     if opts.judge is None:
         return optimise.choose_by_surrogate(candidates)
-
-    def judged_val(candidate, label):
-        profile = None if candidate is None else as_profile(candidate)
-        texts = source.generate(data.examples("val", label), profile, opts.judge_tokens, progress=False)
-        return opts.judge.rate(texts)
-
-    return optimise.choose_by_judge(candidates, judged_val, opts.progress)
+    judged = judge_on("val", source, data, opts)
+    return optimise.choose_by_judge(
+        candidates, lambda candidate, label: judged(None if candidate is None else as_profile(candidate), label),
+        opts.progress)
 
 
 def evaluate(model, fitted: SteeringProfile, chosen: optimise.Candidate, source, data: Captured,
              opts: FitOptions) -> list[report.Row]:
     """The test split's table: unsteered, the fitted profile, its random controls, the compared profiles."""
-    def judged(profile, label):
-        return opts.judge.rate(source.generate(data.examples("test", label), profile, opts.judge_tokens,
-                                               progress=False))
-
     steerings = [("unsteered", None), (f"fitted ({chosen.describe()})", fitted),
                  *report.random_controls(fitted), *((f"compare: {p.name}", p) for p in opts.compare)]
     return report.evaluate(model, steerings, data.of_label("test", 1), data.of_label("test", 0),
-                           judged if opts.judge is not None else None)
+                           judge_on("test", source, data, opts) if opts.judge is not None else None)
 
 
-def provenance(source, examples: list[Example], data_hash: str, data: Captured, acc: dict[str, float],
+def fit_provenance(source, examples: list[Example], data_hash: str, data: Captured, acc: dict[str, float],
                chosen: optimise.Candidate, candidates: list[optimise.Candidate], rows: list[report.Row],
                rd: torch.Tensor, opts: FitOptions) -> dict:
     """How the profile was made: written into its file (never part of its routing or its hash)."""
@@ -213,9 +215,9 @@ def run_fit(source, config: UniPoolConfig, examples: list[Example], data_hash: s
                                           include=include, exclude=exclude, description=opts.description,
                                           provenance=provenance)
 
-    chosen = choose(model, candidates, source, data, opts, as_profile)
+    chosen = choose(candidates, source, data, opts, as_profile)
     rows = evaluate(model, as_profile(chosen), chosen, source, data, opts)
-    made = provenance(source, examples, data_hash, data, acc, chosen, candidates, rows, rd, opts)
+    made = fit_provenance(source, examples, data_hash, data, acc, chosen, candidates, rows, rd, opts)
     profile = as_profile(chosen, provenance=made)
     counts = {y: len(data.examples("test", y)) for y in (0, 1)}
     return FitResult(profile, rows, acc, candidates, chosen, counts)
