@@ -18,6 +18,9 @@ runs R rounds of three modes:
   half-steered   every other request of the batch steered, round-robin over three profiles (a
                  MASCing bias, an exclusion, an inclusion: bench_family_steering.py's); the
                  single request runs under the bias profile
+  probed         nobody steered, every request scored by a routing probe (docs/probes.md): the
+                 probe's cost on the step (capture of the routing, the score after each step);
+                 the probe is random and never fires (its cost does not depend on its weights)
 
 Each mode measures a batched generate (--requests requests of --prompt random tokens, --tokens
 new tokens each, greedy, ignore_eos) and then a single-request decode (--single-tokens new
@@ -69,7 +72,7 @@ from shapes import SHAPE_SETS, write_models  # noqa: E402
 
 WORKER = "unipool_serve.model_executor.steering.worker.SteeringWorker"
 MODELS = {"unipool-global": "global", "mixtral": "mixtral"}  # name -> shapes.write_models key
-MODES = ("idle", "seam", "half-steered")
+MODES = ("idle", "seam", "half-steered", "probed")
 KINDS = ("batched", "single")
 
 
@@ -114,6 +117,21 @@ def profiles(folder: Path):
     ]
 
 
+PROBE = "bench-probe"
+
+
+def probe(folder: Path):
+    """A random routing probe of the model; its threshold of 1 never fires, so no request's routing changes."""
+    import torch
+
+    from unipool_serve.model_executor.steering.probe import RoutingProbe, moe_layers
+    from unipool_serve.model_executor.steering.shape import SteerableModel
+
+    shape = SteerableModel.from_folder(folder)
+    weight = torch.randn(len(moe_layers(shape)), shape.num_experts, generator=torch.Generator().manual_seed(0))
+    return RoutingProbe.for_model(shape, name=PROBE, weight=weight, bias=0.0, threshold=1.0)
+
+
 class Engine:
     """One engine with the steering worker, and the measurements of one mode at a time."""
 
@@ -133,6 +151,7 @@ class Engine:
         self.layout = EngineLayout.find(pin=not args.no_pin)
         self.steering = OfflineSteering(self.llm)
         self.profiles = [p.name for p in profiles(folder) if self.steering.add(p)]
+        self.steering.add_probe(probe(folder))
         gen = torch.Generator().manual_seed(0)
         self.prompts = [{"prompt_token_ids": torch.randint(3, 300, (args.prompt,), generator=gen).tolist()}
                         for _ in range(args.requests)]
@@ -154,6 +173,9 @@ class Engine:
         from vllm import SamplingParams
 
         n = len(self.prompts) if kind == "batched" else 1
+        if mode == "probed":
+            return [SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, skip_reading_prefix_cache=True,
+                                   extra_args=self.steering.extra_args(None, probes=(PROBE,))) for _ in range(n)], [None] * n
         if mode != "half-steered":
             names = [None] * n
         elif kind == "single":
@@ -235,6 +257,7 @@ def steps_as_named(summary: dict) -> bool:
     of a batch before the rest arrive, so one may finish a step after the others)."""
     return all(s["idle"]["steps"]["read"] == 0 and s["seam"]["steps"]["unread"] == 0
                and s["half-steered"]["steps"]["read"] > s["half-steered"]["steps"]["unread"]
+               and s["probed"]["steps"]["read"] == 0
                for s in summary.values())
 
 

@@ -26,10 +26,10 @@ def test_bench_idle_seam_smoke(tmp_path):
     assert all(p.get("threads_off_intended") == 0 for p in engine["pin_check_at_end"].values())
     assert set(engine["summary"]) == {"batched", "single"}
     for per_mode in engine["summary"].values():
-        assert set(per_mode) == {"idle", "seam", "half-steered"}
+        assert set(per_mode) == {"idle", "seam", "half-steered", "probed"}
         assert {"ratio_vs_idle_wall", "ratio_vs_idle_worker_cpu"} <= set(per_mode["seam"])
-    # idle: only the unsteered variant; seam (IdleSteps.always_read): only the steered model
+    # idle and probed: only the unsteered variant; seam (IdleSteps.always_read): only the steered model
     assert engine["steps_as_named"]
     rows = engine["measurements"]
-    assert len(rows) == 2 * 3 * 2  # rounds x modes x (batched, single)
+    assert len(rows) == 2 * 4 * 2  # rounds x modes x (batched, single)
     assert all({"wall_s", "cpu_s", "steps", "output_tokens"} <= set(r) for r in rows)
