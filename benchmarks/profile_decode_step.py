@@ -48,6 +48,7 @@ import shapes as shape_sets  # noqa: E402
 VARIANTS = ("mixtral", "unipool-vanilla", "unipool-global", "unipool-global-seam", "unipool-global-half",
             "unipool-global-nosteer")
 WORKER = "unipool_serve.model_executor.steering.worker.SteeringWorker"
+VARIANT_ENV = {"unipool-global-nosteer": {"UNIPOOL_STEERING": "0"}}  # set before the engine starts
 
 
 class PartTimer:
@@ -156,8 +157,7 @@ def run_one(args) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(wrap_mixtral)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    if args.variant == "unipool-global-nosteer":
-        os.environ["UNIPOOL_STEERING"] = "0"
+    os.environ.update(VARIANT_ENV.get(args.variant, {}))
     import torch
     from vllm import LLM, SamplingParams
 

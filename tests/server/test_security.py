@@ -41,7 +41,7 @@ GENERATION_BODIES = {
 NO_ENGINE_ROUTES = {"/tokenize", "/detokenize", "/v1/messages/count_tokens", "/v1/completions/render",
                     "/v1/chat/completions/render", "/v1/messages/render", "/v1/responses/render",
                     "/v1/completions/derender", "/v1/chat/completions/derender", "/cohere/v2/chat/render",
-                    "/v1/steering/profiles", "/v1/responses/{response_id}/cancel"}
+                    "/v1/steering/profiles", "/v1/steering/probes", "/v1/responses/{response_id}/cancel"}
 ESCAPES = {
     "plain": {},
     "steering-field": {"steering": "no-e1"},
