@@ -13,6 +13,11 @@
 
     .venv/bin/python scripts/demo_probe_eval.py --json docs/results/demo-probe.json [--probe code.safetensors]
 
+--model and --profile run the same on another model trained on the demo corpus, e.g. the small
+Mixtral scripts/family_fit_eval.py trains, with its fitted profile (its folder's steering/):
+    .venv/bin/python scripts/demo_probe_eval.py --model /tmp/family-fit/MixtralForCausalLM \
+        --profile prose-fit --json docs/results/family-probe-MixtralForCausalLM.json
+
 The server runs eager, with the probe in a folder of its own, on a free port; the script stops it.
 """
 
@@ -40,22 +45,26 @@ REPO = Path(__file__).resolve().parent.parent
 TOKENS = 32
 
 
-def fit(work: Path) -> Path:
+DEMO = REPO / "models" / "unipool-demo"
+
+
+def fit(work: Path, model: Path) -> Path:
     data, out = work / "demo-code.jsonl", work / "probes" / "code.safetensors"
     out.parent.mkdir()
     subprocess.run([sys.executable, str(REPO / "scripts" / "demo_fit_data.py"), "--out", str(data)], check=True)
     subprocess.run([sys.executable, "-m", "unipool_serve.tools.steering_cli", "probe", "--model",
-                    str(REPO / "models" / "unipool-demo"), "--data", str(data), "--name", "code", "--out", str(out),
+                    str(model), "--data", str(data), "--name", "code", "--out", str(out),
                     "--label-1", "code", "--label-0", "prose", "--description",
-                    "code prompts of the demo model (its calibration split)", "--no-progress"], check=True)
+                    "code prompts of the demo corpus (its calibration split)", "--no-progress"], check=True)
     return out
 
 
-def serve(probe_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def serve(model: Path, probe_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "unipool_serve.server.cli", "--probe-dir", str(probe_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "unipool_serve.server.cli", "--model", str(model),
+                             "--probe-dir", str(probe_dir), "--dtype", "float32",
                              "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -70,8 +79,8 @@ def serve(probe_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
         time.sleep(1)
 
 
-def complete(url: str, prompt: str, steering) -> tuple[str, dict]:
-    body = {"model": "unipool-demo", "prompt": prompt, "max_tokens": TOKENS, "min_tokens": TOKENS, "temperature": 0,
+def complete(url: str, served: str, prompt: str, steering) -> tuple[str, dict]:
+    body = {"model": served, "prompt": prompt, "max_tokens": TOKENS, "min_tokens": TOKENS, "temperature": 0,
             "probes": ["code"]}
     if steering is not None:
         body["steering"] = steering
@@ -85,20 +94,23 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--probe", type=Path, help="a fitted probe of the demo model (default: fit one now)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--model", type=Path, default=DEMO, help="model folder (default: the demo model)")
+    parser.add_argument("--profile", default="prose", help="the profile to gate, from the model's steering/ (default prose)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="demo-probe-"))
-    probe_path = args.probe or fit(work)
+    probe_path = args.probe or fit(work, args.model)
     probe_dir = probe_path.parent if args.probe is None else work / "probes"
     if args.probe is not None:
         probe_dir.mkdir()
         (probe_dir / "code.safetensors").write_bytes(args.probe.read_bytes())
-    proc, url = serve(probe_dir, work / "server.log")
+    proc, url = serve(args.model, probe_dir, work / "server.log")
     try:
         prompts = [(p, 1) for p in PROMPTS_CODE] + [(p, 0) for p in PROMPTS_PROSE]
         runs = {}
-        for name, steering in (("unsteered", None), ("prose", "prose"),
-                               ("prose gated by the probe", {"profile": "prose", "when": "code"})):
-            runs[name] = [complete(url, prompt, steering) for prompt, _ in prompts]
+        served = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+        for name, steering in (("unsteered", None), (args.profile, args.profile),
+                               (f"{args.profile} gated by the probe", {"profile": args.profile, "when": "code"})):
+            runs[name] = [complete(url, served, prompt, steering) for prompt, _ in prompts]
             print(f"{name}: done", flush=True)
     finally:
         proc.terminate()
@@ -129,7 +141,8 @@ def main(argv=None) -> None:
         print(f"| {r['steering']} | {r['code_share_of_code_prompts']:.0%} | {r['prose_share_of_prose_prompts']:.0%} | "
               f"{same['code']}/40 / {same['prose']}/40 |")
     if args.json:
-        args.json.write_text(json.dumps({"prompts": {"code": len(PROMPTS_CODE), "prose": len(PROMPTS_PROSE)},
+        args.json.write_text(json.dumps({"model": str(args.model), "profile": args.profile,
+                                         "prompts": {"code": len(PROMPTS_CODE), "prose": len(PROMPTS_PROSE)},
                                          "detection": detection, "rows": rows}, indent=2) + "\n")
 
 

@@ -192,3 +192,19 @@ def test_unsupported_architecture_is_one_line(tmp_path, capsys):
     LlamaConfig(num_hidden_layers=2, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "llama")
     code, _, err = _fit(tmp_path / "llama", tmp_path, capsys)
     assert code == 2 and err.count("\n") == 1 and "LlamaForCausalLM" in err
+
+
+def test_offline_probe_for_the_family_scores_its_moe_layers(family, tmp_path, capsys):
+    """`unipool-steering probe` captures a family offline as fit does; the probe's rows are the MoE layers
+    (the dense layer has none) and it loads for that model only."""
+    from unipool_serve.model_executor.steering.probe import RoutingProbe
+
+    folder, shape = family
+    data = write_data(tmp_path / "data.jsonl", 10)
+    capsys.readouterr()
+    code = steering_cli(["probe", "--model", str(folder), "--data", str(data), "--name", "codey",
+                         "--out", str(tmp_path / "codey.safetensors"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    probe = RoutingProbe.load(tmp_path / "codey.safetensors", SteerableModel.from_folder(folder))
+    assert probe.layers == (0, 2) and tuple(probe.weight.shape) == (2, shape.num_experts)
+    assert probe.architecture == ARCH

@@ -100,7 +100,7 @@ def _model_config(folder: Path):
     return AutoConfig.from_pretrained(str(folder)), model
 
 
-def _source(args, model: SteerableModel):
+def open_source(args, model: SteerableModel):
     """Where the router logits come from: a server, the reference model, or a family's transformers model."""
     if args.server:
         from .server import ServerSource
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         if args.threads:
             torch.set_num_threads(args.threads)
-        source = _source(args, model)
+        source = open_source(args, model)
         opts = FitOptions(name=args.name, seed=args.seed, lambdas=args.lambdas, alphas=[a for a in args.alphas if a > 0],
                           threshold=args.threshold, exclude_caps=args.exclude_caps, include_cap=args.include_cap,
                           min_risk_difference=args.min_risk_difference, surrogate_epochs=args.surrogate_epochs,

@@ -12,6 +12,7 @@ from unipool_serve.model_executor.steering.probe import ProbeError
 from unipool_serve.model_executor.steering.profile import SteeringProfileError, check_name
 from unipool_serve.model_executor.steering.shape import SteerableModel
 
+from .command import open_source
 from .data import FitDataError, read_examples
 from .probe import DEFAULT_FPR, fit_probe
 from .sources import FitSourceError
@@ -23,7 +24,8 @@ with "label": 1 (the behaviour to detect) or 0; docs/probes.md"""
 def add_parser(sub) -> None:
     probe = sub.add_parser("probe", help=HELP, description=HELP)
     probe.add_argument("--model", required=True, type=Path,
-                       help="model folder; captured through its reference model (UniPool) unless --server is given")
+                       help="model folder; captured through its reference model (UniPool) or transformers' own "
+                            "model (vLLM's families) unless --server is given")
     probe.add_argument("--server", metavar="URL", help="capture through a running unipool-serve server instead")
     probe.add_argument("--data", required=True, type=Path, help="labelled JSONL")
     probe.add_argument("--name", required=True, help="probe name")
@@ -40,6 +42,7 @@ def add_parser(sub) -> None:
     probe.add_argument("--api-key", help="--server: key for generation and tokenize requests")
     probe.add_argument("--served-model", help="--server: model name in requests (default: the first of /v1/models)")
     probe.add_argument("--no-progress", action="store_true", help="no progress bars")
+    probe.set_defaults(admin_key=None)  # fit's sources take one; a probe uploads nothing
 
 
 def _check_args(args) -> None:
@@ -59,17 +62,7 @@ def run(args: argparse.Namespace) -> int:
         _check_args(args)
         model = SteerableModel.from_folder(args.model)
         examples, data_hash = read_examples(args.data)
-        if args.server:
-            from .server import ServerSource
-
-            source = ServerSource(args.server, api_key=args.api_key, model=args.served_model)
-        elif model.is_unipool:
-            from .sources import ReferenceSource
-
-            source = ReferenceSource(args.model, device=args.device)
-        else:
-            raise ProbeError(f"--model {args.model}: {model.architecture} is captured through a server here: "
-                             "serve it with unipool-serve and pass --server URL")
+        source = open_source(args, model)  # fit's: a server (its model checked), the reference or transformers' model
         fitted = fit_probe(source, model, examples, data_hash, name=args.name, seed=args.seed, fpr=args.fpr,
                            l2=args.l2, labels={"1": args.label_1, "0": args.label_0},
                            description=args.description, progress=not args.no_progress)
