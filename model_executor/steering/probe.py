@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .profile import check_name
+from .profile import check_name, safetensors_metadata, write_atomically
 from .profile_checks import SteeringProfileError
 from .shape import SteerableModel
 
@@ -158,19 +157,12 @@ class RoutingProbe:
         return save_tensors({"weight": self.weight}, metadata=metadata)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(self.to_bytes())
-        tmp.replace(path)  # atomic: a reader never sees half a file
-        return path
+        return write_atomically(path, self.to_bytes())
 
     @classmethod
     def from_bytes(cls, data: bytes, config=None, source: str = "probe") -> RoutingProbe:
         try:
-            (header_len,) = struct.unpack("<Q", data[:8])
-            if header_len > len(data) - 8:
-                raise ValueError("header length exceeds file size")
-            metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+            metadata = safetensors_metadata(data)
             tensors = load_tensors(data)
         except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
             raise ProbeError(f"{source}: not a valid safetensors file ({exc})") from None

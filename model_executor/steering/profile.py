@@ -218,16 +218,12 @@ class SteeringProfile:
         return save_tensors({"bias": self.bias}, metadata=metadata)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(self.to_bytes())
-        tmp.replace(path)  # atomic: a reader never sees half a file
-        return path
+        return write_atomically(path, self.to_bytes())
 
     @classmethod
     def from_bytes(cls, data: bytes, config=None, source: str = "profile") -> SteeringProfile:
         try:
-            metadata = _safetensors_metadata(data)
+            metadata = safetensors_metadata(data)
             tensors = load_tensors(data)
         except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
             raise SteeringProfileError(f"{source}: not a valid safetensors file ({exc})") from None
@@ -259,7 +255,16 @@ class SteeringProfile:
         return cls.from_bytes(path.read_bytes(), config, source=str(path))
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
+def write_atomically(path: str | Path, data: bytes) -> Path:
+    """Write a profile or probe file so that a reader never sees half of it."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > len(data) - 8:
         raise ValueError("header length exceeds file size")
