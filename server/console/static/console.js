@@ -787,8 +787,10 @@
     result.textContent = '';
     hideError($('#admin-error'));
     try {
-      result.textContent = await action();
+      const message = await action();
+      // the message appears once the lists show the change, so what it says is what the page shows
       await loadProfiles();
+      result.textContent = message;
     } catch (err) {
       showError($('#admin-error'), err);
     }
