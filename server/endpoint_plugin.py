@@ -83,7 +83,7 @@ class UniPoolEndpointPlugin:
 
     def _count_request(self, profile: str | None) -> None:
         if self.metrics is not None:
-            self.metrics.requests.labels(profile=profile or "none").inc()
+            self.metrics.count_request(profile)
 
     def _record_probe(self, name: str, scores: dict) -> None:
         if self.metrics is not None:

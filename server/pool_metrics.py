@@ -5,7 +5,10 @@ expert, over the tokens the model computed in real steps: prefix-cache hits are
 never computed, warm-up and dummy runs are excluded by a baseline taken at start)
 and read by this process through one `collective_rpc`: on every scrape of /metrics
 (so a scrape always reports every token computed before it), and every `interval`
-seconds for the per-interval gauges. Nothing is done per token on the host.
+seconds for the per-interval gauges. Nothing is done per token on the host. An idle
+engine is not read: no request admitted since the last read, none running then or now,
+means the counts cannot have changed, and each read wakes vLLM's worker, which then
+busy-polls its queue for a second (a fifth of a core at the default 5 s interval).
 
 Pools: a UniPool model's layers share pools; for vLLM's own MoE families every MoE layer has
 its own experts, so "pool" p is MoE layer p, and layers without experts have no pool and no
@@ -67,6 +70,9 @@ class PoolMetrics:
         self.layer_entropy: dict[int, float] = {}
         self.pool_active: dict[int, float] = {}
         self._reading = asyncio.Lock()  # one RPC at a time, whoever asks
+        self.admitted = 0  # engine requests admitted since start
+        self._admitted_at_read = -1  # ... at the last read (-1: never read)
+        self._running_at_read = False
         self.requests = Counter("unipool_steering_requests", "Requests admitted, by steering profile",
                                 ["profile"], registry=registry)
         self.errors = Counter("unipool_steering_errors", "Requests rejected for steering reasons",
@@ -77,6 +83,11 @@ class PoolMetrics:
                                    registry=registry)
         registry.register(self)
 
+    def count_request(self, profile: str | None) -> None:
+        """One engine request admitted (profile None: unsteered)."""
+        self.admitted += 1
+        self.requests.labels(profile=profile or "none").inc()
+
     def record_probe(self, name: str, scores: dict) -> None:
         """One request's scores of probe `name` ({"score", "fired", ...}; a NaN score: its row changed)."""
         if math.isfinite(scores.get("score", math.nan)):
@@ -86,8 +97,13 @@ class PoolMetrics:
 
     # ---- reading the engine -------------------------------------------------
     async def refresh(self, engine_client) -> torch.Tensor:
-        """Read the engine's cumulative counts; returns (and keeps) the total since serving started."""
+        """Read the engine's cumulative counts; returns (and keeps) the total since serving started.
+        Under the lock, so a caller that finds the engine idle still sees the read in flight before it."""
         async with self._reading:
+            running = engine_client.get_num_unfinished_requests() > 0
+            if not (running or self._running_at_read or self.admitted != self._admitted_at_read):
+                return self.total  # idle since the last read: nothing was computed
+            self._admitted_at_read, self._running_at_read = self.admitted, running
             results = await engine_client.collective_rpc(RPC_ROUTING_STATS)
         # [L, E] per worker: TP ranks of a stage count alike, other pipeline stages count zero for
         # layers they do not hold, so the elementwise max is each layer's count.

@@ -283,3 +283,42 @@ def test_cli_reads_shapes_from_a_family_folder(tmp_path, capsys):
     (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     assert main(["show", str(tmp_path / "alone.safetensors"), "--model", str(tmp_path / "cfg")]) == 2
     assert "cannot be steered" in capsys.readouterr().err
+
+
+def test_pool_metrics_read_the_engine_only_when_it_can_have_computed():
+    """An idle engine is not read (each read wakes vLLM's worker into a second of busy-polling); after a
+    request is admitted, while one runs, and once more after the last one ends, it is."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from unipool_serve.server.pool_metrics import PoolMetrics
+
+    class Engine:  # the two calls PoolMetrics makes on vLLM's engine client
+        def __init__(self):
+            self.reads, self.running, self.counts = 0, 0, torch.zeros(2, 4, dtype=torch.int64)
+
+        def get_num_unfinished_requests(self):
+            return self.running
+
+        async def collective_rpc(self, name):
+            self.reads += 1
+            return [self.counts.clone()]
+
+    async def scenario():
+        engine, metrics = Engine(), PoolMetrics(CollectorRegistry(), [0, 0], 4, 5.0)
+        await metrics.refresh(engine)  # the baseline
+        await metrics.refresh(engine)
+        assert engine.reads == 1  # idle: not read again
+        metrics.count_request(None)
+        engine.running, engine.counts[0, 1] = 1, 3
+        assert (await metrics.refresh(engine))[0, 1] == 3 and engine.reads == 2
+        engine.running, engine.counts[0, 2] = 0, 5  # the request ended after the last read
+        assert (await metrics.refresh(engine))[0, 2] == 5 and engine.reads == 3
+        await metrics.refresh(engine)
+        assert engine.reads == 3
+        metrics.count_request("prose")  # admitted and finished between two reads
+        engine.counts[1, 0] = 7
+        assert (await metrics.refresh(engine))[1, 0] == 7 and engine.reads == 4
+
+    asyncio.run(scenario())
