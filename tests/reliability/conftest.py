@@ -51,8 +51,11 @@ def reliability_model(tiny_model_factory):
     return tiny_model_factory("reliability-model", seed=1, every_byte_tokenizer=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")  # this folder is a package for that: the server stops after its last test
 def server(reliability_model, tmp_path_factory):
+    """One server for the hostile-input, load, slow-client and soak tests, one after another: each
+    measures what it checks from its own start (tracebacks, running requests, memory, rows) and leaves
+    the profiles as it found them. The stop tests start their own, since they stop it."""
     model = reliability_model
     # deadlines against slow clients shorter than the defaults, so tests/reliability/test_slow_clients.py
     # sees them act (the load tests' clients send and read at once)
