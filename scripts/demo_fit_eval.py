@@ -32,7 +32,8 @@ SEEDS = (0, 1, 2)
 
 def rows_of(path: Path, profile: SteeringProfile) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     made = profile.provenance or {}
-    how = f"lambda {made['lambda']:g}, alpha {profile.alpha:g}" if made.get("lambda") is not None else ""
+    how = (f"risk-difference bias, alpha {profile.alpha:g}" if made.get("bias") == "risk difference" else
+           f"lambda {made['lambda']:g}, alpha {profile.alpha:g}" if made.get("lambda") is not None else "")
     if profile.exclude or profile.include:
         how += f"{', ' if how else ''}{sum(map(len, profile.exclude.values()))} excluded"
     rows = [(f"`{path.name}` ({how or f'alpha {profile.alpha:g}'})", profile.bias_rows(), profile.mask_rows())]

@@ -245,7 +245,7 @@ def run_one(architecture: str, args, log) -> dict:
             "model": {**{k: v for k, v in COMMON.items() if k.startswith(("hidden", "num_", "head"))},
                       **SHAPES[architecture][1]},
             "training": trained, "fit": {"command": " ".join(command), "seconds": round(fit_seconds),
-                                         "kind": made.get("kind"), "lambda": made.get("lambda"),
+                                         "kind": made.get("kind"), "bias": made.get("bias"), "lambda": made.get("lambda"),
                                          "alpha": made.get("alpha"), "nonzero": made.get("nonzero"),
                                          "excluded": made.get("excluded"), "surrogate": made.get("surrogate"),
                                          "evaluation": made.get("evaluation"), "printed": printed},

@@ -234,11 +234,33 @@ def test_exclude_cap_zero_fits_a_bias_only():
 def test_exclusions_remain_candidates_when_every_s_is_zero():
     config = tiny_config(num_hidden_layers=L, num_experts=E)
     result = run_fit(SyntheticSource(flips_on="exclusion"), config, labelled(10), "0" * 64,
-                     _options(lambdas=(10.0,), judge=parse_judge("regex:^code$")))  # an L1 that zeroes S
+                     _options(lambdas=(10.0,), judge=parse_judge("regex:^code$"),  # an L1 that zeroes S
+                              risk_difference_bias=False))
     assert {c.kind for c in result.candidates} == {"exclusions only"}
     assert SPIKE in result.profile.exclude[1] and result.rows[1].judge_1 == 0.0
     with pytest.raises(FitError, match="every fitted S is zero"):
-        run_fit(SyntheticSource(), config, labelled(10), "0" * 64, _options(lambdas=(10.0,), exclude_caps=(0,)))
+        run_fit(SyntheticSource(), config, labelled(10), "0" * 64,
+                _options(lambdas=(10.0,), exclude_caps=(0,), risk_difference_bias=False))
+
+
+def test_the_risk_difference_bias_is_scaled_per_layer_and_sparsified():
+    rd = torch.tensor([[0.4, -0.2, 0.03, 0.0], [0.0, 0.0, 0.0, 0.0], [-0.1, 0.05, 0.005, 0.02]])
+    bias = expert_selection.risk_difference_bias(rd, threshold=0.1)
+    assert torch.allclose(bias, torch.tensor([[-1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, -0.5, 0.0, -0.2]]))
+    assert expert_selection.risk_difference_bias(torch.zeros(2, 4), threshold=0.1) is None
+
+
+def test_the_judge_takes_the_risk_difference_bias_when_the_fitted_s_is_gone():
+    config = tiny_config(num_hidden_layers=L, num_experts=E)
+    result = run_fit(SyntheticSource(flips_on="bias"), config, labelled(20), "0" * 64,
+                     _options(lambdas=(10.0,), exclude_caps=(0,), alphas=(0.05, 4.0),  # S zeroed, no exclusions
+                              judge=parse_judge("regex:^code$")))
+    made = result.profile.provenance
+    assert {c.bias_source for c in result.candidates} == {"risk difference"}
+    assert (made["kind"], made["bias"], made["lambda"], made["alpha"]) == ("bias only", "risk difference", None, 4.0)
+    assert float(result.profile.bias_rows()[1, SPIKE]) == pytest.approx(-4.0)  # the marker's expert: rd's largest
+    assert result.rows[1].judge_1 == 0.0 and "risk-difference bias, alpha 4" in result.rows[1].steering
+    assert "| risk difference |" in result.candidates_table()
 
 
 # ---- data and judges ------------------------------------------------------------

@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
     fit.add_argument("--min-risk-difference", type=float, default=DEFAULT_MIN_RISK_DIFFERENCE, metavar="D",
                      help="an expert is excluded (included) only if its selection rate on label 1 exceeds (falls "
                           f"short of) label 0's by at least D (default {DEFAULT_MIN_RISK_DIFFERENCE})")
+    fit.add_argument("--no-risk-difference-bias", dest="risk_difference_bias", action="store_false",
+                     help="leave out the bias made from the risk difference itself (-rd scaled to [-1, 1] per layer); "
+                          "the biases are then the surrogate-fitted S only")
     fit.add_argument("--judge", help=f"choose among the candidates by generation: {JUDGE_KINDS} (flags the behaviour)")
     fit.add_argument("--judge-tokens", type=int, default=32, help="greedy tokens per judged continuation (default 32)")
     fit.add_argument("--surrogate-epochs", type=int, default=30)
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         source = open_source(args, model)
         opts = FitOptions(name=args.name, seed=args.seed, lambdas=args.lambdas, alphas=[a for a in args.alphas if a > 0],
                           threshold=args.threshold, exclude_caps=args.exclude_caps, include_cap=args.include_cap,
+                          risk_difference_bias=args.risk_difference_bias,
                           min_risk_difference=args.min_risk_difference, surrogate_epochs=args.surrogate_epochs,
                           bias_epochs=args.bias_epochs, judge=judge, judge_tokens=args.judge_tokens,
                           description=args.description, compare=compare, progress=not args.no_progress)

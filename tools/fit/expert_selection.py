@@ -19,6 +19,12 @@ examples, as SteerMoE counts them (a long example weighs more than a short one).
   in its layer: off by default.
 
 The result is an [L, E] int8 mask in the engine's encoding (+1 include, -1 exclude).
+
+The same statistic also gives a bias, a candidate beside the surrogate-fitted S: S = -rd,
+divided by its largest magnitude in the layer, entries with |S| <= threshold zeroed. It
+lowers the experts label 1 uses more and raises those label 0 uses more, in proportion,
+with no surrogate in the loop (the demo's hand-made profiles are made this way from
+labelled documents, scripts/train_demo_model.py).
 """
 
 from __future__ import annotations
@@ -71,3 +77,10 @@ def mask_sets(mask: torch.Tensor) -> tuple[dict[int, list[int]], dict[int, list[
         return {layer: ids for layer in range(mask.shape[0])
                 if (ids := [int(e) for e in (mask[layer] == value).nonzero().flatten()])}
     return sets(INCLUDE), sets(EXCLUDE)
+
+
+def risk_difference_bias(rd: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """[L, E] S = -rd scaled to [-1, 1] per layer, |S| <= threshold zeroed; None when nothing is left."""
+    scaled = -rd / rd.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    bias = torch.where(scaled.abs() > threshold, scaled, torch.zeros_like(scaled)).float()
+    return bias if bias.any() else None

@@ -9,14 +9,16 @@ them. Then entries with |S| <= threshold (0.1) are zeroed, and the strength alph
 engine applies alpha * sigma_t * S) is picked on the validation split.
 
 The candidates are of three kinds (expert_selection.py gives the exclusion sets, one per
---exclude-cap): bias only (each lambda's S at each alpha), exclusions only (each set),
-and both (each S at each alpha with each set). One is chosen on the validation split:
+--exclude-cap): bias only (each S at each alpha), exclusions only (each set), and both
+(each S at each alpha with each set). The biases are each lambda's S and the risk-difference
+bias (expert_selection.py: SteerMoE's statistic used as a bias, with no surrogate in the
+loop; what the demo's hand-made profiles are). One is chosen on the validation split:
 
 - by the surrogate: among the candidates whose mean P(label 1) on the validation label-1
   traces is within SURROGATE_TOLERANCE of the best one's, the weakest: smallest alpha
   (exclusions only count as alpha 0), then fewest excluded experts, then larger lambda (the
-  surrogate alone always prefers more steering, so this takes the least that gets nearly
-  all of it);
+  risk-difference bias last; the surrogate alone always prefers more steering, so this
+  takes the least that gets nearly all of it);
 - by a judge, when given: the lowest share of validation label-1 continuations the judge
   flags, plus any rise in the share it flags among the label-0 continuations over the
   unsteered model's (a profile that pushes the kept behaviour into the suppressed one
@@ -75,20 +77,32 @@ def sparsify(bias: torch.Tensor, threshold: float) -> torch.Tensor:
 class Candidate:
     """A bias (lambda, alpha), an exclusion set (its cap), or both, with its validation scores."""
 
-    l1: float | None  # None: no bias
+    l1: float | None  # the lambda of a surrogate-fitted S; None: no such S
     alpha: float  # 0 with no bias
     bias: torch.Tensor  # [L, E] sparse S, unscaled (all zero with no bias)
     mask: torch.Tensor | None = None  # [L, E] int8, +1 include / -1 exclude (expert_selection.py)
     exclude_cap: int | None = None  # the per-layer cap the mask was selected under
+    from_risk_difference: bool = False  # the bias is the risk difference's, not a surrogate-fitted S
     surrogate_rate: float = 0.0  # mean P(label 1) of the steered validation label-1 traces
     judge_rate: float | None = None  # share of validation label-1 continuations the judge flags
     judge_rate_0: float | None = None  # ... and of validation label-0 continuations
 
     @property
+    def has_bias(self) -> bool:
+        return self.l1 is not None or self.from_risk_difference
+
+    @property
+    def bias_source(self) -> str | None:
+        """Where the bias comes from: "surrogate" (an S fitted at `l1`), "risk difference", or None."""
+        if self.from_risk_difference:
+            return "risk difference"
+        return None if self.l1 is None else "surrogate"
+
+    @property
     def kind(self) -> str:
         if self.mask is None:
             return "bias only"
-        return "exclusions only" if self.l1 is None else "bias + exclusions"
+        return "bias + exclusions" if self.has_bias else "exclusions only"
 
     @property
     def excluded(self) -> int:
@@ -99,7 +113,9 @@ class Candidate:
         return 0 if self.mask is None else int((self.mask == 1).sum())
 
     def describe(self) -> str:
-        parts = [] if self.l1 is None else [f"lambda {self.l1:g}, alpha {self.alpha:g}"]
+        parts = [] if not self.has_bias else [
+            f"risk-difference bias, alpha {self.alpha:g}" if self.from_risk_difference
+            else f"lambda {self.l1:g}, alpha {self.alpha:g}"]
         if self.mask is not None:
             parts.append(f"{self.excluded} excluded, at most {self.exclude_cap} per layer"
                          + (f", {self.included} included" if self.included else ""))
@@ -113,21 +129,28 @@ class Candidate:
         return self.judge_rate + max(0.0, self.judge_rate_0 - unsteered_0)
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "lambda": self.l1, "alpha": self.alpha, "exclude_cap": self.exclude_cap,
+        return {"kind": self.kind, "bias": self.bias_source, "lambda": self.l1, "alpha": self.alpha,
+                "exclude_cap": self.exclude_cap,
                 "excluded": self.excluded, "included": self.included,
                 "surrogate_rate": round(self.surrogate_rate, 4), "judge_rate": self.judge_rate,
                 "judge_rate_label_0": self.judge_rate_0}
 
 
-def make_candidates(biases: dict[float, torch.Tensor], alphas: Sequence[float],
-                    masks: dict[int, torch.Tensor]) -> list[Candidate]:
-    """Bias only (every S at every alpha), exclusions only (every mask), and both (every pairing)."""
-    out = [Candidate(l1, alpha, bias) for l1, bias in biases.items() for alpha in alphas]
+def make_candidates(biases: dict[float, torch.Tensor], alphas: Sequence[float], masks: dict[int, torch.Tensor],
+                    rd_bias: torch.Tensor | None = None) -> list[Candidate]:
+    """Bias only (every S, each lambda's and the risk difference's, at every alpha), exclusions only
+    (every mask), and both (every pairing)."""
+    def with_biases(mask=None, cap=None) -> list[Candidate]:
+        out = [Candidate(l1, alpha, bias, mask=mask, exclude_cap=cap) for l1, bias in biases.items() for alpha in alphas]
+        if rd_bias is not None:
+            out += [Candidate(None, alpha, rd_bias, mask=mask, exclude_cap=cap, from_risk_difference=True)
+                    for alpha in alphas]
+        return out
+
+    out = with_biases()
     for cap, mask in masks.items():
-        zero = torch.zeros(mask.shape, dtype=torch.float32)
-        out.append(Candidate(None, 0.0, zero, mask=mask, exclude_cap=cap))
-        out += [Candidate(l1, alpha, bias, mask=mask, exclude_cap=cap)
-                for l1, bias in biases.items() for alpha in alphas]
+        out.append(Candidate(None, 0.0, torch.zeros(mask.shape, dtype=torch.float32), mask=mask, exclude_cap=cap))
+        out += with_biases(mask, cap)
     return out
 
 

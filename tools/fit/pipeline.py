@@ -5,7 +5,7 @@
              -> train the surrogate on the training split; accuracy on validation and test
              -> per lambda: optimise S on the training label-1 traces, sparsify
              -> per --exclude-cap: the experts to exclude, by the training split's risk
-                difference (SteerMoE; expert_selection.py)
+                difference (SteerMoE; expert_selection.py), and the bias that difference gives
              -> pick among bias only, exclusions only and both on the validation split
                 (surrogate, or judge)
              -> the profile, with its provenance; the evaluation table on the test split
@@ -36,7 +36,8 @@ DEFAULT_EXCLUDE_CAPS = (2, 4)
 DEFAULT_MIN_RISK_DIFFERENCE = 0.05
 METHOD = ("unipool-steering fit: MASCing surrogate (LayerNorm, shared Linear E->16, LSTM 64, Linear 1; BCE, Adam) "
           "on router logits; S by Adam against the frozen surrogate (target label 0, L1), sparsified; "
-          "SteerMoE exclusions (per-layer top-k selection risk difference label 1 - label 0, capped per layer); "
+          "SteerMoE exclusions (per-layer top-k selection risk difference label 1 - label 0, capped per layer) and "
+          "the risk-difference bias (-rd scaled to [-1, 1] per layer, sparsified); "
           "bias only, exclusions only or both, chosen on the validation split")
 
 
@@ -53,6 +54,7 @@ class FitOptions:
     threshold: float = 0.1
     exclude_caps: Sequence[int] = DEFAULT_EXCLUDE_CAPS  # () or (0,): bias only, as before selection existed
     include_cap: int = 0
+    risk_difference_bias: bool = True  # the risk difference's own bias among the candidates
     min_risk_difference: float = DEFAULT_MIN_RISK_DIFFERENCE
     surrogate_epochs: int = 30
     bias_epochs: int = 100
@@ -115,9 +117,9 @@ def capture_splits(source, config: UniPoolConfig, examples: list[Example], opts:
     return Captured(splits, traces, {name: [e.label for e in part] for name, part in parts.items()})
 
 
-def fit_biases(model, data: Captured, opts: FitOptions, have_exclusions: bool) -> dict[float, torch.Tensor]:
+def fit_biases(model, data: Captured, opts: FitOptions, have_others: bool) -> dict[float, torch.Tensor]:
     """lambda -> the sparsified S it gives (the all-zero ones left out). None left is an error only
-    when there are no exclusion sets either: exclusions only are still candidates."""
+    when there is nothing else to try either (no exclusion set, no risk-difference bias)."""
     biases = {}
     for l1 in opts.lambdas:
         fitted = optimise.fit_bias(model, data.of_label("train", 1), l1=l1, seed=opts.seed, epochs=opts.bias_epochs,
@@ -125,7 +127,7 @@ def fit_biases(model, data: Captured, opts: FitOptions, have_exclusions: bool) -
         sparse = optimise.sparsify(fitted, opts.threshold)
         if sparse.any():
             biases[l1] = sparse
-    if not biases and not have_exclusions:
+    if not biases and not have_others:
         raise FitError(f"every fitted S is zero once entries with |S| <= {opts.threshold} are dropped, and no expert "
                        f"passes --min-risk-difference {opts.min_risk_difference}: lower --lambda or --threshold (or "
                        "check the surrogate's accuracy: it may have found no signal)")
@@ -186,7 +188,8 @@ def fit_provenance(source, examples: list[Example], data_hash: str, data: Captur
         "examples": {"label_1": sum(e.label for e in examples), "label_0": sum(1 - e.label for e in examples)},
         "tokens": "chat: the final user message; plain prompt: every prompt token",
         "surrogate": {"epochs": opts.surrogate_epochs, "accuracy": {k: round(v, 4) for k, v in acc.items()}},
-        "kind": chosen.kind, "lambda": chosen.l1, "alpha": None if chosen.l1 is None else chosen.alpha,
+        "kind": chosen.kind, "bias": chosen.bias_source, "lambda": chosen.l1,
+        "alpha": chosen.alpha if chosen.has_bias else None,
         "threshold": opts.threshold, "bias_epochs": opts.bias_epochs, "nonzero": int((chosen.bias != 0).sum()),
         "exclude_cap": chosen.exclude_cap, "excluded": chosen.excluded, "included": chosen.included,
         "selection": {"exclude_caps": list(opts.exclude_caps), "include_cap": opts.include_cap,
@@ -205,8 +208,9 @@ def run_fit(source, config: UniPoolConfig, examples: list[Example], data_hash: s
                                           epochs=opts.surrogate_epochs, progress=opts.progress)
     acc = {name: surrogate_mod.accuracy(model, data.traces[name], data.labels[name]) for name in ("train", "val", "test")}
     rd, masks = select_experts(config, data, opts)
-    biases = fit_biases(model, data, opts, have_exclusions=bool(masks))
-    candidates = optimise.score_candidates(model, optimise.make_candidates(biases, opts.alphas, masks),
+    rd_bias = expert_selection.risk_difference_bias(rd, opts.threshold) if opts.risk_difference_bias else None
+    biases = fit_biases(model, data, opts, have_others=bool(masks) or rd_bias is not None)
+    candidates = optimise.score_candidates(model, optimise.make_candidates(biases, opts.alphas, masks, rd_bias),
                                            data.of_label("val", 1))
 
     def as_profile(candidate: optimise.Candidate, provenance=None):

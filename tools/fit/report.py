@@ -104,11 +104,16 @@ def format_table(rows: Sequence[Row], counts: dict[int, int]) -> str:
 def format_candidates(candidates: Sequence[Candidate], chosen: Candidate) -> str:
     """The validation split's scores of every candidate (bias only, exclusions only, both), the chosen one marked."""
     judged = any(c.judge_rate is not None for c in candidates)
-    head = ["", "kind", "lambda", "alpha", "excluded", "surrogate P(label 1)"]
+    head = ["", "kind", "bias", "alpha", "excluded", "surrogate P(label 1)"]
     if judged:
         head += ["judge, label 1", "judge, label 0"]
-    body = [["*" if c is chosen else "", c.kind, "-" if c.l1 is None else f"{c.l1:g}",
-             "-" if c.l1 is None else f"{c.alpha:g}",
+    body = [["*" if c is chosen else "", c.kind, _bias_of(c), f"{c.alpha:g}" if c.has_bias else "-",
              f"{c.excluded} (cap {c.exclude_cap})" if c.mask is not None else "0", f"{c.surrogate_rate:.3f}"]
             + ([_pct(c.judge_rate), _pct(c.judge_rate_0)] if judged else []) for c in candidates]
     return _markdown(head, body)
+
+
+def _bias_of(c: Candidate) -> str:
+    if c.from_risk_difference:
+        return "risk difference"
+    return "-" if c.l1 is None else f"lambda {c.l1:g}"
