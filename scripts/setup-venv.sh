@@ -21,7 +21,11 @@ ensure_uv
 torch_version=$(sed -n 's/^torch==\([^ ]*\).*/\1/p' locks/cpu.txt)
 wheels=$(torch_wheels "$torch_version")
 # sync = exactly the lock: anything else in the venv is removed, every file is hash-checked.
-"$UV" pip sync --quiet --python "$VENV/bin/python" --require-hashes --find-links "$wheels" locks/cpu.txt
+# --compile-bytecode, as pip does by default: without .pyc files every process compiles vLLM,
+# torch and transformers from source at import (16 s instead of 7 s for vLLM's engine on 2 cores),
+# three times per server start, and where PYTHONDONTWRITEBYTECODE is set, at every start.
+"$UV" pip sync --quiet --python "$VENV/bin/python" --require-hashes --compile-bytecode --find-links "$wheels" \
+    locks/cpu.txt
 # The project itself, editable; its dependencies are the lock's (none resolved here).
 "$UV" pip install --quiet --python "$VENV/bin/python" --no-deps --no-build-isolation --editable .
 
