@@ -254,7 +254,7 @@ def test_the_judge_takes_the_risk_difference_bias_when_the_fitted_s_is_gone():
     config = tiny_config(num_hidden_layers=L, num_experts=E)
     result = run_fit(SyntheticSource(flips_on="bias"), config, labelled(20), "0" * 64,
                      _options(lambdas=(10.0,), exclude_caps=(0,), alphas=(0.05, 4.0),  # S zeroed, no exclusions
-                              judge=parse_judge("regex:^code$")))
+                              judge=parse_judge("regex:^code$"), risk_difference_bias=True))
     made = result.profile.provenance
     assert {c.bias_source for c in result.candidates} == {"risk difference"}
     assert (made["kind"], made["bias"], made["lambda"], made["alpha"]) == ("bias only", "risk difference", None, 4.0)

@@ -50,9 +50,9 @@ def add_parser(sub) -> None:
     fit.add_argument("--min-risk-difference", type=float, default=DEFAULT_MIN_RISK_DIFFERENCE, metavar="D",
                      help="an expert is excluded (included) only if its selection rate on label 1 exceeds (falls "
                           f"short of) label 0's by at least D (default {DEFAULT_MIN_RISK_DIFFERENCE})")
-    fit.add_argument("--no-risk-difference-bias", dest="risk_difference_bias", action="store_false",
-                     help="leave out the bias made from the risk difference itself (-rd scaled to [-1, 1] per layer); "
-                          "the biases are then the surrogate-fitted S only")
+    fit.add_argument("--risk-difference-bias", action="store_true",
+                     help="also try the bias made from the risk difference itself (-rd scaled to [-1, 1] per layer, "
+                          "as the demo's hand-made profiles are) beside the surrogate-fitted S: 50%% more candidates")
     fit.add_argument("--judge", help=f"choose among the candidates by generation: {JUDGE_KINDS} (flags the behaviour)")
     fit.add_argument("--judge-tokens", type=int, default=32, help="greedy tokens per judged continuation (default 32)")
     fit.add_argument("--surrogate-epochs", type=int, default=30)

@@ -20,7 +20,8 @@ examples, as SteerMoE counts them (a long example weighs more than a short one).
 
 The result is an [L, E] int8 mask in the engine's encoding (+1 include, -1 exclude).
 
-The same statistic also gives a bias, a candidate beside the surrogate-fitted S: S = -rd,
+The same statistic also gives a bias, a candidate beside the surrogate-fitted S with
+`--risk-difference-bias`: S = -rd,
 divided by its largest magnitude in the layer, entries with |S| <= threshold zeroed. It
 lowers the experts label 1 uses more and raises those label 0 uses more, in proportion,
 with no surrogate in the loop (the demo's hand-made profiles are made this way from

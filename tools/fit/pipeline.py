@@ -54,7 +54,7 @@ class FitOptions:
     threshold: float = 0.1
     exclude_caps: Sequence[int] = DEFAULT_EXCLUDE_CAPS  # () or (0,): bias only, as before selection existed
     include_cap: int = 0
-    risk_difference_bias: bool = True  # the risk difference's own bias among the candidates
+    risk_difference_bias: bool = False  # the risk difference's own bias among the candidates (--risk-difference-bias)
     min_risk_difference: float = DEFAULT_MIN_RISK_DIFFERENCE
     surrogate_epochs: int = 30
     bias_epochs: int = 100
