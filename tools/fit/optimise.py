@@ -99,6 +99,13 @@ class Candidate:
         return None if self.l1 is None else "surrogate"
 
     @property
+    def bias_label(self) -> str | None:
+        """The bias as the candidates table names it: "lambda L", "risk difference", or None."""
+        if self.from_risk_difference:
+            return "risk difference"
+        return None if self.l1 is None else f"lambda {self.l1:g}"
+
+    @property
     def kind(self) -> str:
         if self.mask is None:
             return "bias only"

@@ -107,13 +107,7 @@ def format_candidates(candidates: Sequence[Candidate], chosen: Candidate) -> str
     head = ["", "kind", "bias", "alpha", "excluded", "surrogate P(label 1)"]
     if judged:
         head += ["judge, label 1", "judge, label 0"]
-    body = [["*" if c is chosen else "", c.kind, _bias_of(c), f"{c.alpha:g}" if c.has_bias else "-",
+    body = [["*" if c is chosen else "", c.kind, c.bias_label or "-", f"{c.alpha:g}" if c.has_bias else "-",
              f"{c.excluded} (cap {c.exclude_cap})" if c.mask is not None else "0", f"{c.surrogate_rate:.3f}"]
             + ([_pct(c.judge_rate), _pct(c.judge_rate_0)] if judged else []) for c in candidates]
     return _markdown(head, body)
-
-
-def _bias_of(c: Candidate) -> str:
-    if c.from_risk_difference:
-        return "risk difference"
-    return "-" if c.l1 is None else f"lambda {c.l1:g}"
