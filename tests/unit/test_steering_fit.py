@@ -263,6 +263,29 @@ def test_the_judge_takes_the_risk_difference_bias_when_the_fitted_s_is_gone():
     assert "| risk difference |" in result.candidates_table()
 
 
+def test_judge_data_is_where_the_judge_chooses_and_data_keeps_no_validation_part():
+    class Recording(SyntheticSource):
+        judged: list = []
+
+        def generate(self, examples, profile, max_new_tokens, progress=True):
+            self.judged.append([e.prompt for e in examples])
+            return super().generate(examples, profile, max_new_tokens, progress)
+
+    config = tiny_config(num_hidden_layers=L, num_experts=E)
+    judge_examples = [Example(label=e.label, prompt="lamp " + e.prompt, line=e.line) for e in labelled(4)]
+    source = Recording()
+    result = run_fit(source, config, labelled(20), "0" * 64,
+                     _options(judge=parse_judge("regex:^code$"), alphas=(0.05, 4.0), judge_examples=judge_examples,
+                              judge_data_hash="a" * 64))
+    made = result.profile.provenance
+    assert made["splits"] == {"train": 32, "val": 8, "test": 8} and made["judge_data_sha256"] == "a" * 64
+    candidates = len(result.candidates)
+    chose, tested = source.judged[:1 + 2 * candidates], source.judged[1 + 2 * candidates:]
+    assert all(p.startswith("lamp ") for batch in chose for p in batch)  # every choice on the judge's examples
+    assert tested and not any(p.startswith("lamp ") for batch in tested for p in batch)  # the table on --data's test
+    assert result.rows[1].judge_1 == 0.0
+
+
 # ---- data and judges ------------------------------------------------------------
 @pytest.mark.parametrize("lines, message", [
     ([], "no examples"),
@@ -290,6 +313,8 @@ def test_split_is_stratified_and_seeded():
     for part in (parts.train, parts.val, parts.test):
         assert {e.label for e in part} == {0, 1}
     assert split(examples, seed=3) == parts and split(examples, seed=4) != parts
+    no_val = split(examples, seed=3, validation=False)  # the judge has examples of its own (--judge-data)
+    assert no_val.sizes() == {"train": 16, "val": 0, "test": 4} and {e.label for e in no_val.test} == {0, 1}
 
 
 def test_judges():
@@ -377,6 +402,11 @@ def test_cli_errors_are_one_line(tiny_model_factory, tmp_path, capsys):
     assert "unknown kind" in _cli_error(capsys, base + ["--data", str(good), "--judge", "sql:x"])
     assert "--alpha needs at least one positive" in _cli_error(capsys, base + ["--data", str(good), "--alpha", "0"])
     assert "--threads must be at least 1" in _cli_error(capsys, base + ["--data", str(good), "--threads", "0"])
+    assert "--judge-data needs --judge" in _cli_error(capsys, base + ["--data", str(good), "--judge-data", str(good)])
+    judged = base + ["--data", str(good), "--judge", "regex:x", "--judge-data"]
+    assert f"--judge-data {tmp_path / 'none.jsonl'}: cannot be read" in _cli_error(
+        capsys, judged + [str(tmp_path / "none.jsonl")])
+    assert "one.jsonl: all 5 examples have label 1" in _cli_error(capsys, judged + [str(one)])
     nowhere = base[:-2] + [str(tmp_path / "no" / "o.safetensors"), "--no-progress", "--data", str(good)]
     assert "is not a writable folder" in _cli_error(capsys, nowhere)
     family = tmp_path / "mixtral"  # a config.json alone: no weights or tokenizer to capture with

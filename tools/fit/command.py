@@ -54,6 +54,10 @@ def add_parser(sub) -> None:
                      help="also try the bias made from the risk difference itself (-rd scaled to [-1, 1] per layer, "
                           "as the demo's hand-made profiles are) beside the surrogate-fitted S: 50%% more candidates")
     fit.add_argument("--judge", help=f"choose among the candidates by generation: {JUDGE_KINDS} (flags the behaviour)")
+    fit.add_argument("--judge-data", type=Path, metavar="FILE",
+                     help="with --judge: labelled JSONL the judge chooses on, instead of a validation part of --data "
+                          "(then split into training 80%% and test 20%%): e.g. prompts that lead to the behaviour, "
+                          "while --data holds text that shows it")
     fit.add_argument("--judge-tokens", type=int, default=32, help="greedy tokens per judged continuation (default 32)")
     fit.add_argument("--surrogate-epochs", type=int, default=30)
     fit.add_argument("--bias-epochs", type=int, default=100)
@@ -82,6 +86,8 @@ def _check_args(args) -> None:
     if any(cap < 0 for cap in args.exclude_caps) or args.include_cap < 0:
         raise FitError(f"--exclude-cap and --include-cap must be non-negative, got {args.exclude_caps} and "
                        f"{args.include_cap}")
+    if args.judge_data is not None and not args.judge:
+        raise FitError("--judge-data needs --judge: the judge chooses among the candidates on those examples")
     if not 0 < args.min_risk_difference <= 1:
         raise FitError(f"--min-risk-difference must be in (0, 1], got {args.min_risk_difference}")
     for flag, value in (("--judge-tokens", args.judge_tokens), ("--surrogate-epochs", args.surrogate_epochs),
@@ -129,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         _check_args(args)
         config, model = _model_config(args.model)
         examples, data_hash = read_examples(args.data)
+        judge_examples, judge_hash = (read_examples(args.judge_data, "--judge-data", per_label=1)
+                                      if args.judge_data is not None else ((), None))
         compare = [SteeringProfile.load(path, config) for path in args.compare]
         judge = parse_judge(args.judge) if args.judge else None
         torch.manual_seed(args.seed)
@@ -140,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
                           risk_difference_bias=args.risk_difference_bias,
                           min_risk_difference=args.min_risk_difference, surrogate_epochs=args.surrogate_epochs,
                           bias_epochs=args.bias_epochs, judge=judge, judge_tokens=args.judge_tokens,
+                          judge_examples=judge_examples, judge_data_hash=judge_hash,
                           description=args.description, compare=compare, progress=not args.no_progress)
         result = run_fit(source, config, examples, data_hash, opts)
         result.profile.save(args.out)
@@ -151,10 +160,12 @@ def run(args: argparse.Namespace) -> int:
             source.close()
     acc = result.accuracy
     made = result.profile.provenance
-    print(f"surrogate accuracy: train {acc['train']:.1%}, validation {acc['val']:.1%}, test {acc['test']:.1%}")
+    choice = "judge data" if args.judge_data is not None else "validation"
+    print(f"surrogate accuracy: train {acc['train']:.1%}, {choice} {acc['val']:.1%}, test {acc['test']:.1%}")
     print(f"chosen: {made['kind']}: {result.chosen.describe()} (by {made['alpha_chosen_by']}), "
           f"{made['nonzero']} nonzero entries of {result.profile.num_layers} x {result.profile.num_experts}")
-    print("candidates on the validation split (* chosen):")
+    where = "the --judge-data examples" if args.judge_data is not None else "the validation split"
+    print(f"candidates on {where} (* chosen):")
     print(result.candidates_table())
     print("behaviour rate on the test split:")
     print(result.table())

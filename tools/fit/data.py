@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MIN_PER_LABEL = 3  # one each for training, validation and test, at the least
-SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train (surrogate and S), validation (alpha), test (the reported table)
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train (surrogate and S), validation (the choice), test (the reported table)
+# with examples of their own for the choice (--judge-data), --data keeps no validation part
+SPLIT_FRACTIONS_NO_VALIDATION = (0.8, 0.0, 0.2)
 
 
 class FitDataError(ValueError):
@@ -88,24 +90,25 @@ def parse_example(text: str, where: str, line: int = 0) -> Example:
     return Example(label=label, messages=tuple(pairs), line=line)
 
 
-def read_examples(path: str | Path) -> tuple[list[Example], str]:
-    """(examples, sha256 of the file's bytes); one-class or too small data is an error."""
+def read_examples(path: str | Path, flag: str = "--data", per_label: int = MIN_PER_LABEL) -> tuple[list[Example], str]:
+    """(examples, sha256 of the file's bytes); one-class data, or fewer than `per_label` examples
+    of a label, is an error (the judge's own examples, --judge-data, are not split: 1 suffices)."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise FitDataError(f"--data {path}: cannot be read ({exc.strerror or exc})") from None
+        raise FitDataError(f"{flag} {path}: cannot be read ({exc.strerror or exc})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise FitDataError(f"--data {path}: not UTF-8 text ({exc})") from None
+        raise FitDataError(f"{flag} {path}: not UTF-8 text ({exc})") from None
     examples = [parse_example(line, f"{path}:{number}", number)
                 for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    check_labels(examples, str(path))
+    check_labels(examples, str(path), per_label)
     return examples, hashlib.sha256(data).hexdigest()
 
 
-def check_labels(examples: list[Example], source: str) -> None:
+def check_labels(examples: list[Example], source: str, per_label: int = MIN_PER_LABEL) -> None:
     if not examples:
         raise FitDataError(f"{source}: no examples (one JSON object per line, with \"prompt\" or \"messages\" and \"label\")")
     counts = {label: sum(e.label == label for e in examples) for label in (0, 1)}
@@ -114,20 +117,22 @@ def check_labels(examples: list[Example], source: str) -> None:
             raise FitDataError(f"{source}: all {len(examples)} examples have label {other}; add examples with label "
                                f"{label} ({'behaviour to keep' if label == 0 else 'behaviour to suppress'})")
     for label, count in counts.items():
-        if count < MIN_PER_LABEL:
-            raise FitDataError(f"{source}: label {label} has {count} example(s); need at least {MIN_PER_LABEL} of "
+        if count < per_label:
+            raise FitDataError(f"{source}: label {label} has {count} example(s); need at least {per_label} of "
                                "each label (one each for the training, validation and test splits)")
 
 
-def split(examples: list[Example], seed: int) -> Splits:
-    """Stratified by label, shuffled by `seed`; each split keeps the file's order."""
+def split(examples: list[Example], seed: int, validation: bool = True) -> Splits:
+    """Stratified by label, shuffled by `seed`; each split keeps the file's order. Without
+    `validation` the examples go to training and test only (the choice has data of its own)."""
+    fractions = SPLIT_FRACTIONS if validation else SPLIT_FRACTIONS_NO_VALIDATION
     rng = random.Random(seed)
     parts: tuple[list[int], list[int], list[int]] = ([], [], [])
     for label in (0, 1):
         members = [i for i, e in enumerate(examples) if e.label == label]
         rng.shuffle(members)
-        n_val = max(1, round(SPLIT_FRACTIONS[1] * len(members)))
-        n_test = max(1, round(SPLIT_FRACTIONS[2] * len(members)))
+        n_val = max(1, round(fractions[1] * len(members))) if validation else 0
+        n_test = max(1, round(fractions[2] * len(members)))
         parts[1].extend(members[:n_val])
         parts[2].extend(members[n_val:n_val + n_test])
         parts[0].extend(members[n_val + n_test:])

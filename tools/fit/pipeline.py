@@ -1,6 +1,7 @@
 """`unipool-steering fit`, end to end: capture, surrogate, S, alpha, profile, evaluation.
 
-    examples -> split (train / validation / test, stratified, by --seed)
+    examples -> split (train / validation / test, stratified, by --seed; with --judge-data
+                the judge's own examples are the validation part, the data train / test)
              -> capture router logits of every example once (sources.py, server.py)
              -> train the surrogate on the training split; accuracy on validation and test
              -> per lambda: optimise S on the training label-1 traces, sparsify
@@ -38,7 +39,7 @@ METHOD = ("unipool-steering fit: MASCing surrogate (LayerNorm, shared Linear E->
           "on router logits; S by Adam against the frozen surrogate (target label 0, L1), sparsified; "
           "SteerMoE exclusions (per-layer top-k selection risk difference label 1 - label 0, capped per layer) and "
           "the risk-difference bias (-rd scaled to [-1, 1] per layer, sparsified); "
-          "bias only, exclusions only or both, chosen on the validation split")
+          "bias only, exclusions only or both, chosen on the validation split (or the judge's own examples)")
 
 
 class FitError(ValueError):
@@ -60,6 +61,10 @@ class FitOptions:
     bias_epochs: int = 100
     judge: Judge | None = None
     judge_tokens: int = 32
+    # --judge-data: examples of their own for the choice (e.g. prompts that lead to the behaviour,
+    # while --data holds text that shows it); then --data is split into training and test only
+    judge_examples: Sequence[Example] = ()
+    judge_data_hash: str | None = None
     description: str = ""
     compare: Sequence[SteeringProfile] = ()
     progress: bool = True
@@ -106,8 +111,11 @@ class Captured:
 
 
 def capture_splits(source, config: UniPoolConfig, examples: list[Example], opts: FitOptions) -> Captured:
-    """Split the examples and capture each one's router logits once."""
-    splits = split(examples, opts.seed)
+    """Split the examples and capture each one's router logits once (the judge's own examples, if
+    any, as the validation part)."""
+    splits = split(examples, opts.seed, validation=not opts.judge_examples)
+    if opts.judge_examples:
+        splits = Splits(splits.train, list(opts.judge_examples), splits.test)
     parts = {"train": splits.train, "val": splits.val, "test": splits.test}
     captured = source.capture([e for part in parts.values() for e in part], progress=opts.progress)
     check_logits_shape(captured, config, source.description)
@@ -183,7 +191,8 @@ def fit_provenance(source, examples: list[Example], data_hash: str, data: Captur
     """How the profile was made: written into its file (never part of its routing or its hash)."""
     return {
         "method": METHOD, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": source.description, "data_sha256": data_hash, "split_seed": opts.seed,
+        "source": source.description, "data_sha256": data_hash, "judge_data_sha256": opts.judge_data_hash,
+        "split_seed": opts.seed,
         "splits": data.splits.sizes(),
         "examples": {"label_1": sum(e.label for e in examples), "label_0": sum(1 - e.label for e in examples)},
         "tokens": "chat: the final user message; plain prompt: every prompt token",
