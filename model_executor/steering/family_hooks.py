@@ -117,7 +117,7 @@ class RouterTap:
         CPU router folds into the weights). vLLM's CPU router takes its top-k unsorted, so slots are ranked
         by weight, not position. Returns (weights, ids for the counts: the dropped slots as E, which is not
         counted)."""
-        rank = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # [T, k]: 0 = heaviest
+        rank = weight_rank(weights)
         dropped = rank >= budget.to(ids.device).view(-1, 1)  # [T, k]
         kept = weights.masked_fill(dropped, 0)
         if self.renormalize:
@@ -125,6 +125,16 @@ class RouterTap:
             total = weights.sum(dim=-1, keepdim=True)
             kept = torch.where(budgeted, kept * (total / kept.sum(dim=-1, keepdim=True).clamp_min(1e-20)), kept)
         return kept, ids.masked_fill(dropped, self.counts.counts.shape[1])
+
+
+def weight_rank(weights: torch.Tensor) -> torch.Tensor:
+    """[T, k] -> [T, k]: each slot's place by weight, 0 the heaviest, ties to the earlier slot (what
+    a stable descending argsort's inverse gives). Counted by comparing the k slots pairwise: for the
+    small k of a router, elementwise ops that a compiled step fuses, where two sorts are two calls."""
+    slot = torch.arange(weights.shape[-1], device=weights.device)
+    earlier = slot[None, :] < slot[:, None]  # [i, j]: slot j comes before slot i
+    w_i, w_j = weights[:, :, None], weights[:, None, :]
+    return ((w_j > w_i) | ((w_j == w_i) & earlier)).sum(dim=-1)
 
 
 def attach(model: torch.nn.Module, vllm_config) -> Family:

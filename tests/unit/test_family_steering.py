@@ -11,7 +11,7 @@ from torch import nn
 from unipool_serve.kernels import routing_reference as ref
 from unipool_serve.kernels.routing_spec import RoutingSpec
 from unipool_serve.model_executor.routing_counts import RoutingCounts
-from unipool_serve.model_executor.steering.family_hooks import GateHook, RouterTap
+from unipool_serve.model_executor.steering.family_hooks import GateHook, RouterTap, weight_rank
 from unipool_serve.model_executor.steering.profile import SteeringProfile, SteeringProfileError
 from unipool_serve.model_executor.steering.shape import SteerableModel
 from unipool_serve.model_executor.steering.table import SteeringTable
@@ -226,6 +226,14 @@ def test_hooks_capture_raw_logits_and_the_routing_used_and_budgets_keep_the_heav
     assert torch.equal(kept[kept != E].view(T, 2).sort(-1).values, best_two.to(torch.int32))  # the heaviest two
     assert ((weights > 0).sum(-1) == 2).all() and torch.allclose(weights.sum(-1), torch.ones(T))
     assert capture.layers == (1,) and counts.counts[1].sum() == T * 2
+
+
+def test_weight_rank_is_a_stable_descending_sorts_rank():
+    gen = torch.Generator().manual_seed(0)
+    for k in (1, 2, 4, 8):
+        weights = torch.randint(0, 4, (64, k), generator=gen).float() / 4  # many ties
+        sort_rank = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+        assert torch.equal(weight_rank(weights), sort_rank), k
 
 
 class _ScaledRouter(_UnsortedRouter):
