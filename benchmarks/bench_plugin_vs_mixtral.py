@@ -8,6 +8,9 @@ shapes, same vocabulary, same engine settings. Variants, one engine at a time in
   unipool-vanilla     ours, one pool per layer (same parameter count as Mixtral)
   unipool-global      ours, one global pool of E experts shared by all L layers
   unipool-global-nosteer  the same with UNIPOOL_STEERING=0 (routers skip the tables)
+  mixtral-hugepages   vLLM's Mixtral with THP_MEM_ALLOC_ENABLE=1: torch's CPU allocator asks for
+                      transparent huge pages for its large tensors (weights, KV cache), where the
+                      kernel's THP mode is `madvise` (not in the default set: a placement experiment)
 
 Engines of one variant differ from start to start (by up to 40% on a 2-vCPU machine), so each
 variant is started --engines N times, interleaved (A B C D A B C D ...: a slow drift of the
@@ -52,6 +55,7 @@ if str(BENCH) not in sys.path:
 import shapes as shape_sets  # noqa: E402
 
 VARIANTS = ("mixtral", "unipool-vanilla", "unipool-global", "unipool-global-nosteer")
+EXTRA_VARIANTS = ("mixtral-hugepages",)
 SHAPE_FIELDS = ("layers", "hidden", "width", "experts", "top_k", "dtype")
 
 
@@ -107,6 +111,7 @@ def run_variant(name: str, model: Path, args, env: dict, engine_index: int) -> d
         batch = [timed(prompts) for _ in range(args.repeats)]
         single_s, single_cpu = timed(prompts[:1])  # decode-only view: one request, the same new tokens
         pin_check = layout.verify()
+        huge_kib = {pid: _anon_huge_kib(pid) for pid in layout.workers}
     finally:
         layout.release()
         try:
@@ -127,7 +132,19 @@ def run_variant(name: str, model: Path, args, env: dict, engine_index: int) -> d
             "single_request_s": single_s, "single_request_cpu_s": single_cpu,
             "single_request_output_tok_s": args.gen_len / single_s,
             "single_request_worker_cpu_s_per_token": single_cpu["worker"] / args.gen_len,
-            "layout": layout.as_dict(), "pin_check": pin_check, "processes_left_after_stop": left}
+            "layout": layout.as_dict(), "pin_check": pin_check, "processes_left_after_stop": left,
+            "worker_anon_huge_pages_kib": huge_kib}
+
+
+def _anon_huge_kib(pid: int) -> int | None:
+    """KiB of the process's memory on transparent huge pages (/proc/PID/smaps_rollup), None if unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 # ---- summary ------------------------------------------------------------------------------------
@@ -202,10 +219,17 @@ def parse_args(argv=None):
         if getattr(args, field) is None:
             setattr(args, field, getattr(shape, field))
     args.write_dtype = shape.write_dtype
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    unknown = set(args.variants.split(",")) - set(VARIANTS) - set(EXTRA_VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}")
     return args
+
+
+def _thp_mode() -> str:
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def main(argv=None) -> None:
@@ -228,7 +252,8 @@ def main(argv=None) -> None:
         return written[kind]
 
     models = {"mixtral": ("mixtral", {}), "unipool-vanilla": ("vanilla", {}), "unipool-global": ("global", {}),
-              "unipool-global-nosteer": ("global", {"UNIPOOL_STEERING": "0"})}
+              "unipool-global-nosteer": ("global", {"UNIPOOL_STEERING": "0"}),
+              "mixtral-hugepages": ("mixtral", {"THP_MEM_ALLOC_ENABLE": "1"})}
     engines = []
     try:
         for index in range(args.engines):
@@ -248,7 +273,8 @@ def main(argv=None) -> None:
     shape = {**shape_sets.SHAPE_SETS[args.shape].describe(), **{f: getattr(args, f) for f in SHAPE_FIELDS}}
     data = {"benchmark": "bench_plugin_vs_mixtral", "args": vars(args), "shape": shape, "noisy": before["noisy"],
             "quiet_before": before, "quiet_after": quiet.after(before),
-            "machine": {"platform": platform.platform(), "python": platform.python_version()},
+            "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                        "transparent_hugepage": _thp_mode()},
             "statistic": "per engine: median over repeats of the batched wall time -> output tokens/s; per variant: "
                          "median over engines, spread = (max - min) / median over engines; ratio_vs_mixtral from the "
                          "medians; ratio_vs_mixtral_per_round: engine i / Mixtral's engine i; CPU s per token: the "
