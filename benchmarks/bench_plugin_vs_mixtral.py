@@ -207,6 +207,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile (vLLM's default) instead of eager")
     ap.add_argument("--no-pin", action="store_true", help="leave the engine's processes where the kernel puts them")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="every engine with THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for torch's large tensors)")
     ap.add_argument("--smoke", action="store_true", help="smoke shapes, 1 engine, 1 repeat, a few tokens, eager")
     ap.add_argument("--out", default="docs/results/plugin-vs-mixtral.json")
     quiet.add_arguments(ap)
@@ -259,6 +261,7 @@ def main(argv=None) -> None:
         for index in range(args.engines):
             for name in variants:
                 kind, env = models[name]
+                env = {**env, "THP_MEM_ALLOC_ENABLE": "1"} if args.huge_pages else env
                 engines.append(run_variant(name, folder(kind), args, env, index))
                 e = engines[-1]
                 print(json.dumps({k: e[k] for k in ("variant", "engine_index", "engine_start_s", "batch_times_s",
