@@ -8,8 +8,12 @@ classes), one engine at a time, in this one process:
   worker-steered   the steering worker, half of the requests steered across three profiles
 
 Each variant generates `--requests` requests of `--prompt` + `--tokens` tokens (greedy,
-ignore_eos) `--repeats` times after one warm-up round; the statistic is the median output
-tokens/s over the repeats, and the ratios are against plain's median. Compiled by default
+ignore_eos) `--repeats` times after one warm-up round; an engine's rate is the median output
+tokens/s over the repeats. Engines of one variant differ from start to start, so each variant is
+started `--engines` times, interleaved (plain, idle, steered, plain, ...); a variant's rate is
+the median over its engines, with their spread, and the ratios are against plain's, from the
+medians and per round. `--huge-pages` runs every engine with THP_MEM_ALLOC_ENABLE=1 (torch's
+large tensors on transparent huge pages: a steadier placement, docs/benchmarks.md). Compiled by default
 (vLLM CPU's torch.compile); --eager for quick runs; --smoke for a tiny, one-repeat check.
 The steered variant also checks, on the routing counts, that its exclude and include profiles
 are honoured (under torch.compile the gate hooks are traced into the graph).
@@ -113,6 +117,21 @@ def run_variant(folder: Path, variant: str, args) -> dict:
     return result
 
 
+def over_engines(engines: list[dict], plain: list[dict]) -> dict:
+    """A variant over its engines: the median of their medians, the spread (max - min) / median, the
+    ratio to plain's median and per round (engine i / plain's engine i)."""
+    rates = [e["median"] for e in engines]
+    median = statistics.median(rates)
+    out = {"engines": engines, "median": median, "min": min(rates), "max": max(rates),
+           "spread": (max(rates) - min(rates)) / median,
+           "median_worker_cpu_s_per_token": statistics.median(e["median_worker_cpu_s_per_token"] for e in engines),
+           "ratio": median / statistics.median(p["median"] for p in plain),
+           "ratio_per_round": [e["median"] / p["median"] for e, p in zip(engines, plain)]}
+    if "steering_honoured" in engines[0]:
+        out["steering_honoured"] = all(e["steering_honoured"] for e in engines)
+    return out
+
+
 def steering_honoured(llm, steering, args) -> bool:
     """The exclude and include profiles, alone, checked on the routing counts (compiled graphs too)."""
     import torch
@@ -142,6 +161,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--engines", type=int, default=1, help="engines per variant, interleaved (default 1)")
+    parser.add_argument("--huge-pages", action="store_true", help="every engine with THP_MEM_ALLOC_ENABLE=1")
     parser.add_argument("--eager", action="store_true", help="no torch.compile (quick, not the goal's setting)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, eager, one repeat: checks the script runs")
     parser.add_argument("--no-pin", action="store_true", help="leave the engine's processes where the kernel puts them")
@@ -152,22 +173,28 @@ def main() -> None:
         args.layers, args.hidden, args.width, args.requests, args.prompt, args.tokens, args.repeats, args.eager = (
             2, 64, 64, 4, 8, 8, 1, True)
     before = quiet.check(args.force_noisy, wait_s=args.wait_quiet)
+    if args.huge_pages:  # inherited by every engine process started below
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in FAMILIES:
             folder = write_model(Path(tmp), arch, args)
-            results[arch] = {v: run_variant(folder, v, args) for v in VARIANTS}
-    print(f"{'family':<22} {'variant':<16} {'median tok/s':>13} {'vs plain':>9} {'CPU ms/tok':>11}")
+            runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+            for _ in range(args.engines):
+                for variant in VARIANTS:
+                    runs[variant].append(run_variant(folder, variant, args))
+            results[arch] = {v: over_engines(engines, runs["plain"]) for v, engines in runs.items()}
+    print(f"{'family':<22} {'variant':<16} {'median tok/s':>13} {'spread':>7} {'vs plain':>9} {'per round':>20} "
+          f"{'CPU ms/tok':>11}")
     for arch, by_variant in results.items():
-        base = by_variant["plain"]["median"]
         for variant, r in by_variant.items():
-            r["ratio"] = r["median"] / base
             honoured = {True: "  steering honoured", False: "  STEERING NOT HONOURED"}.get(r.get("steering_honoured"), "")
-            print(f"{arch:<22} {variant:<16} {r['median']:>13.1f} {r['ratio']:>9.3f} "
+            rounds = ",".join(f"{x:.2f}" for x in r["ratio_per_round"])
+            print(f"{arch:<22} {variant:<16} {r['median']:>13.1f} {r['spread']:>7.1%} {r['ratio']:>9.3f} {rounds:>20} "
                   f"{1000 * r['median_worker_cpu_s_per_token']:>11.3f}{honoured}")
     if args.out:
         meta = {k: getattr(args, k) for k in ("layers", "hidden", "width", "top_k", "requests", "prompt", "tokens",
-                                              "repeats", "eager", "smoke", "no_pin")}
+                                              "repeats", "engines", "huge_pages", "eager", "smoke", "no_pin")}
         meta.update(machine=platform.machine(), cpus=os.cpu_count(), load_avg=os.getloadavg(),
                     statistic="median output tokens/s over repeats (one warm-up round not counted); worker CPU "
                               "s per token: the worker's user+system CPU time over the generated tokens",
