@@ -1,6 +1,8 @@
 """`RoutingCounts`: token-slots routed per layer and expert, accumulated on the device.
 
-One `index_add_` per layer per step, in place, no host sync; read by the server's metrics
+One in-place add per layer per step of a one-hot count ([T*k] ids against the E + 1 columns:
+a comparison and a sum, which a compiled step fuses; `index_add_` became an index_put with
+accumulate there, a sort per layer on the CPU), no host sync; read by the server's metrics
 through the worker's routing-statistics RPC. The counts cover the tokens the model computed
 in real steps (prefix-cache hits are never computed); warm-up and dummy runs are counted
 too, and the server subtracts a baseline taken before it serves. Off with
@@ -20,6 +22,7 @@ class RoutingCounts(nn.Module):
         # One column more than experts: dropped slots (id E, an expert budget) land there, so
         # recording needs no data-dependent filtering.
         self.register_buffer("slots", torch.zeros(num_layers, num_experts + 1, dtype=torch.int64), persistent=False)
+        self.register_buffer("columns", torch.arange(num_experts + 1), persistent=False)
 
     @property
     def counts(self) -> torch.Tensor:
@@ -29,5 +32,5 @@ class RoutingCounts(nn.Module):
     def record(self, layer: int, topk_ids: torch.Tensor) -> None:
         """Add one layer's choices of this step ([T, k] expert ids, E = dropped) to the counts."""
         if self.enabled:
-            flat = topk_ids.reshape(-1).long()  # [T*k]
-            self.slots[layer].index_add_(0, flat, torch.ones_like(flat))
+            flat = topk_ids.reshape(-1, 1).long()  # [T*k, 1]
+            self.slots[layer].add_((flat == self.columns).sum(dim=0))
