@@ -77,7 +77,7 @@ def route(
     key = scores
     if mask is not None:
         key = key.masked_fill(include, float("inf")).masked_fill(exclude, float("-inf"))
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :spec.top_k]  # [T, k]
+    order = top_k_lowest_id_first(key, spec.top_k)  # [T, k]
     weights = scores.gather(-1, order)
     if budget is not None:
         dropped = torch.arange(spec.top_k, device=order.device) >= budget.to(order.device).view(-1, 1)  # [T, k]
@@ -86,6 +86,20 @@ def route(
     if spec.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     return order.to(torch.int32), weights
+
+
+def top_k_lowest_id_first(key: torch.Tensor, k: int) -> torch.Tensor:
+    """[T, E] -> [T, k]: the ids of a stable descending sort's first k (ties to the lower id), as k
+    argmax passes: torch.argmax returns the first maximum, and a taken id is set below every
+    value left (a -inf key, an excluded expert, first becomes the dtype's lowest finite value).
+    For the small k of a router, k fused reductions where a compiled step ran a whole sort per layer."""
+    key = key.masked_fill(key == float("-inf"), torch.finfo(key.dtype).min)
+    picks = []
+    for _ in range(k):
+        pick = key.argmax(dim=-1, keepdim=True)  # [T, 1]
+        picks.append(pick)
+        key = key.scatter(-1, pick, float("-inf"))
+    return torch.cat(picks, dim=-1)
 
 
 def route_with_table(

@@ -134,3 +134,16 @@ def test_router_kinds_cross_process_boundaries():
 
     for kind in ROUTER_KINDS.values():
         assert pickle.loads(pickle.dumps(kind)) == kind
+
+
+def test_top_k_is_a_stable_descending_sorts_first_k_eager_and_compiled():
+    top_k = routing_reference.top_k_lowest_id_first
+    gen = torch.Generator().manual_seed(0)
+    compiled = torch.compile(top_k, dynamic=True)
+    for experts, k in ((4, 1), (8, 2), (16, 4), (64, 8)):
+        key = torch.randint(0, 5, (200, experts), generator=gen).float()  # many ties
+        key[torch.rand(200, experts, generator=gen) < 0.2] = float("-inf")  # excluded experts
+        key[torch.rand(200, experts, generator=gen) < 0.1] = float("inf")  # included experts
+        want = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(top_k(key, k), want), (experts, k)
+        assert torch.equal(compiled(key, k), want), (experts, k)
