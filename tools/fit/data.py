@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MIN_PER_LABEL = 3  # one each for training, validation and test, at the least
-SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train (surrogate and S), validation (the choice), test (the reported table)
-# with examples of their own for the choice (--judge-data), --data keeps no validation part
-SPLIT_FRACTIONS_NO_VALIDATION = (0.8, 0.0, 0.2)
+# train (surrogate and S), validation (the choice), test (the reported table); with examples of
+# their own for the choice (--judge-data) there is no validation part and training keeps its 20%
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 
 
 class FitDataError(ValueError):
@@ -125,14 +125,13 @@ def check_labels(examples: list[Example], source: str, per_label: int = MIN_PER_
 def split(examples: list[Example], seed: int, validation: bool = True) -> Splits:
     """Stratified by label, shuffled by `seed`; each split keeps the file's order. Without
     `validation` the examples go to training and test only (the choice has data of its own)."""
-    fractions = SPLIT_FRACTIONS if validation else SPLIT_FRACTIONS_NO_VALIDATION
     rng = random.Random(seed)
     parts: tuple[list[int], list[int], list[int]] = ([], [], [])
     for label in (0, 1):
         members = [i for i, e in enumerate(examples) if e.label == label]
         rng.shuffle(members)
-        n_val = max(1, round(fractions[1] * len(members))) if validation else 0
-        n_test = max(1, round(fractions[2] * len(members)))
+        n_val = max(1, round(SPLIT_FRACTIONS[1] * len(members))) if validation else 0
+        n_test = max(1, round(SPLIT_FRACTIONS[2] * len(members)))
         parts[1].extend(members[:n_val])
         parts[2].extend(members[n_val:n_val + n_test])
         parts[0].extend(members[n_val + n_test:])
