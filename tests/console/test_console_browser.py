@@ -102,10 +102,13 @@ class Console:
                                   ".map(s => [...s.options].map(o => o.value))")
 
     def run(self) -> list[dict]:
-        """Run, wait for every column to end, and return what each shows."""
+        """Run, wait until the page has shown all it shows after a run (the columns' texts and maps, and
+        the profile tables it asks for afterwards), and return what each column shows."""
+        before = self.page.evaluate("document.body.dataset.runs || '0'")
         self.page.click("#run")
-        self.wait("[...document.querySelectorAll('.column')].every(c => ['done', 'error'].includes(c.dataset.state))"
-                  " && !document.querySelector('#run').disabled", "every column to finish")
+        self.wait(f"(document.body.dataset.runs || '0') !== '{before}'", "the run and what it shows")
+        assert self.page.evaluate("[...document.querySelectorAll('.column')]"
+                                  ".every(c => ['done', 'error'].includes(c.dataset.state))")
         return self.page.evaluate("""[...document.querySelectorAll('.column')].map(c => ({
             state: c.dataset.state,
             text: c.querySelector('.text').textContent,

@@ -31,6 +31,7 @@
     profileRows: new Map(), // name -> Promise of the profile's tables (?rows=true)
     nextColumn: 1,
     refreshes: 0,
+    runs: 0,
   };
 
   // ---- the API ------------------------------------------------------------------------------
@@ -548,7 +549,9 @@
       $('#run-state').textContent = controller.signal.aborted ? 'stopped' : '';
     }
     renderRouting();
-    for (const col of state.columns) showProfileTables(col);
+    await Promise.all(state.columns.map(showProfileTables));
+    state.runs += 1;
+    document.body.dataset.runs = String(state.runs); // the run and all it shows under the texts are done
     refreshUsage();
   }
 
