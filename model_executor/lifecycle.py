@@ -15,7 +15,16 @@ process was about to drain them. Installed by the plugin's `register()` in every
                run one until its next request (a stop of an idle engine then waited the whole
                grace period and ended in SIGKILL).
   worker       ignores SIGTERM and SIGINT while the engine core lives: the engine core stops it
-               through vLLM's death pipe, which also ends it when the engine core is gone.
+               through vLLM's death pipe, which also ends it when the engine core is gone. One
+               stop does not go through the pipe: an engine core that fails to start (a KV cache
+               that does not fit, a bad checkpoint) has no executor left to close it, and ends
+               through multiprocessing's exit, which SIGTERMs its children and joins them. So the
+               engine core sends RELEASE_SIGNAL to its children first (`multiprocessing.util.
+               _exit_function` is wrapped there), and a worker stops on it through vLLM's own
+               handler, whatever becomes of the SIGTERM (two signals from one sender can reach
+               Python's handlers in either order on a busy machine: a "release, then obey the
+               next SIGTERM" protocol lost that race). Without it the server hung on a failed
+               start (a SIGTERM to `vllm serve` too) instead of exiting with the error.
 
 Both child kinds also end quietly: after vLLM's own shutdown has run, the process unlinks the
 shared-memory rings it created (vLLM unlinks them only when they are garbage-collected, and a
@@ -38,7 +47,8 @@ import weakref
 
 logger = logging.getLogger("unipool_serve.lifecycle")
 
-RELEASE_SIGNAL = signal.SIGUSR1  # API process -> engine core: "my SIGTERM follows, obey it"
+# API process -> engine core: "my SIGTERM follows, obey it"; engine core -> worker: "I am exiting, stop"
+RELEASE_SIGNAL = signal.SIGUSR1
 ORPHAN_GRACE_S = 10.0
 GUARDED = (signal.SIGTERM, signal.SIGINT)
 _installed = False
@@ -123,6 +133,13 @@ def _ignore_while_parent_lives(kind: str, parent) -> None:
         signal.signal(signum, guard)
     if kind == "engine":
         _release_from_a_thread(parent, released, lambda: to_vllm(signal.SIGTERM))
+        _release_children_before_exiting()
+    else:  # the engine core is exiting (see the module doc): stop now
+        def release(signum, frame):
+            released.set()
+            to_vllm(signal.SIGTERM, frame)
+
+        signal.signal(RELEASE_SIGNAL, release)
 
 
 def _release_from_a_thread(parent, released: threading.Event, stop_engine) -> None:
@@ -162,6 +179,29 @@ def _release_from_a_thread(parent, released: threading.Event, stop_engine) -> No
         os._exit(1)
 
     threading.Thread(target=watch, name="unipool-engine-lifecycle", daemon=True).start()
+
+
+def _release_children_before_exiting() -> None:
+    """Wrap multiprocessing's exit (it SIGTERMs this process's children, then joins them) so that the
+    children are released first: otherwise a worker the engine core never stopped itself (a failed
+    start) ignores that SIGTERM and the join waits forever."""
+    from multiprocessing import util
+
+    exit_function = util._exit_function
+    if getattr(exit_function, "unipool_releases", False):
+        return
+
+    def release_then_exit(*args, **kwargs):
+        for child in multiprocessing.active_children():
+            if child.pid is not None:
+                try:
+                    os.kill(child.pid, RELEASE_SIGNAL)
+                except ProcessLookupError:
+                    pass
+        return exit_function(*args, **kwargs)
+
+    release_then_exit.unipool_releases = True
+    util._exit_function = release_then_exit
 
 
 def _track_shm_rings() -> None:

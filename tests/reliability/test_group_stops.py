@@ -1,5 +1,6 @@
 """Shutdown under load drains cleanly, however it is asked for; a dead engine makes the API answer 503
-and /health fail, never hang; a dead API process leaves no engine behind.
+and /health fail, never hang; a dead API process leaves no engine behind; an engine that cannot start
+ends the server with its error.
 
 Each test starts (and ends) its own server. "Running" is an observed event here (the API has
 admitted the request, with the engine frozen so that nothing can finish), never a wait on the clock.
@@ -10,12 +11,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
-from server_launcher import start_streams
+from server_launcher import free_port, start_streams
 from server_process import API_KEY, PROMPT, start
 
 pytestmark = pytest.mark.server
@@ -108,3 +111,37 @@ def test_a_killed_api_process_leaves_no_engine_behind(tiny_model_factory, tmp_pa
         gone, alive = psutil.wait_procs(children, timeout=120)  # a bound for a hang: they leave in seconds
     report(children=len(children), left_behind=len(alive))
     assert alive == [], [p.name() for p in alive]
+
+
+def test_an_engine_that_cannot_start_ends_the_server_with_its_error(tiny_model_factory, tmp_path, report):
+    """A KV cache smaller than one block: vLLM's engine core fails at start and exits through
+    multiprocessing's exit, which SIGTERMs its worker and joins it. The worker ignores group signals
+    while the engine core lives (model_executor/lifecycle.py), so without the engine core's release the
+    join, and the server, waited forever."""
+    import psutil
+
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "unipool_serve.server.cli", "--model", str(tiny_model_factory("lifecycle-model", seed=2)),
+           "--enforce-eager", "--kv-cache-memory-bytes", "1024", "--host", "127.0.0.1", "--port", str(free_port())]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = proc.wait(timeout=400)  # a bound for the hang (vLLM's own engine-start timeout is 600 s)
+    except subprocess.TimeoutExpired:
+        code = "hung"
+    group = [p for p in psutil.process_iter() if _group_of(p.pid) == proc.pid]
+    gone, left = psutil.wait_procs(group, timeout=60)
+    if code == "hung" or left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    report(exit_code=code, left_behind=len(left))
+    assert code not in ("hung", 0), text[-3000:]
+    assert "No available memory for the cache blocks" in text, text[-3000:]
+    assert left == [], [p.name() for p in left]
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
