@@ -77,19 +77,19 @@ class Harness:
     def prepare(self) -> dict:
         mode = self.mode
         log(f"writing benchmark models ({mode.shape})")
-        which = ("unipool", "vanilla", "mixtral") if {"plugin", "pool", "budget"} & set(mode.comparisons) else ("unipool",)
+        which = ("unipool", "vanilla", "mixtral") if {"plugin", "pool", "budget", "http"} & set(mode.comparisons) \
+            else ("unipool",)
         self.models = write_all(self.work / "models", mode.shape, which)
         self.steering_dir = self.work / "steering"
         self.profiles = write_profiles(self.models["unipool"], self.steering_dir)
         self.weights = {k: weight_bytes(p, mode.shape.dtype) for k, p in self.models.items()}
         per_token = mode.shape.kv_bytes_per_token()
         seq_tokens = math.ceil((mode.workload.input_len + mode.workload.output_len) / 128) * 128
-        vanilla_kv = mode.budget_kv_seqs * seq_tokens * per_token
-        self.budget = {"kv_bytes_per_token": per_token, "vanilla_kv_bytes": vanilla_kv}
-        if "vanilla" in self.weights:
-            total = self.weights["vanilla"]["total"] + vanilla_kv
-            self.budget.update(total_bytes=total, kv={"vanilla": vanilla_kv,
-                                                      "unipool": total - self.weights["unipool"]["total"]})
+        base, base_kv = mode.budget_baseline, mode.budget_kv_seqs * seq_tokens * per_token
+        self.budget = {"kv_bytes_per_token": per_token, "baseline": base, "baseline_kv_bytes": base_kv}
+        if base in self.weights:
+            total = self.weights[base]["total"] + base_kv
+            self.budget.update(total_bytes=total, kv={base: base_kv, "unipool": total - self.weights["unipool"]["total"]})
         return {"models": {k: str(v) for k, v in self.models.items()}, "weights": self.weights,
                 "budget": self.budget, "profiles": self.profiles}
 

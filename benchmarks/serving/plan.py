@@ -1,7 +1,13 @@
 """What one harness run measures: modes, engine settings, and the server phases.
 
-Every server gets the same engine settings (ENGINE_ARGS, VLLM_CPU_KVCACHE_SPACE)
+Every server gets the same engine settings (the mode's engine_args and env, VLLM_CPU_KVCACHE_SPACE)
 except the two memory-budget servers, which get an explicit KV size instead.
+
+The `goals` mode is issue-style acceptance at the engine benchmarks' big shape: compiled servers
+with huge pages for torch's allocator (docs/deploy.md), `unipool-serve` with the global pool and
+`vllm serve` with the same-shape Mixtral both swept at concurrency 1, 16 and 64, steering half the
+requests vs none, and the pool against Mixtral at equal memory under concurrency 64. Its repeats
+run the servers in turn (A B A B ...), so a slow stretch of the machine hits both sides.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .load import Workload
-from .models import QUICK_SHAPE, SMOKE_SHAPE, Shape
+from .models import GOALS_SHAPE, QUICK_SHAPE, SMOKE_SHAPE, Shape
 from .server import ServerSpec
 
 # Eager mode: torch.compile costs ~40-50 s per engine start on these machines and a
@@ -18,7 +24,8 @@ from .server import ServerSpec
 ENGINE_ARGS = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "128",
                "--no-enable-prefix-caching", "--dtype", "bfloat16"]
 KV_SPACE_GIB = "1"
-COMPARISONS = ("steering", "metrics", "frontend", "plugin", "pool", "budget", "reference")
+# "http": vLLM's Mixtral swept at every concurrency beside unipool-serve (not only at compare_at)
+COMPARISONS = ("steering", "metrics", "frontend", "plugin", "pool", "budget", "reference", "http")
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,14 @@ class Mode:
     waves: int  # prompts per point = waves x concurrency (at least 8)
     comparisons: tuple[str, ...] = COMPARISONS
     engine_args: tuple[str, ...] = tuple(ENGINE_ARGS)
+    env: tuple[tuple[str, str], ...] = ()  # for every server
+    budget_baseline: str = "vanilla"  # the model the reduced pool is held against at equal memory
+    offline_reference: bool = True  # u_l and HF generate with the reference model, after the servers
+    doc_section: str = "serving-harness"  # the marked section of docs/benchmarks.md this mode writes
+
+    @property
+    def compiled(self) -> bool:
+        return "--enforce-eager" not in self.engine_args
 
     def with_dtype(self, shape_dtype: str) -> Mode:
         from dataclasses import replace
@@ -50,6 +65,11 @@ MODES = {
                   budget_kv_seqs=4, repeats=1, waves=4),
     "smoke": Mode("smoke", SMOKE_SHAPE, Workload(32, 8), (1,), compare_at=1, budget_at=4, budget_kv_seqs=1,
                   repeats=1, waves=8, comparisons=("steering",)),
+    "goals": Mode("goals", GOALS_SHAPE, Workload(128, 64), (1, 16, 64), compare_at=16, budget_at=64,
+                  budget_kv_seqs=16, repeats=3, waves=2, comparisons=("http", "steering", "budget"),
+                  engine_args=tuple(a for a in ENGINE_ARGS if a != "--enforce-eager"),
+                  env=(("THP_MEM_ALLOC_ENABLE", "1"),), budget_baseline="mixtral", offline_reference=False,
+                  doc_section="serving-goals"),
 }
 
 
@@ -68,7 +88,7 @@ class Phase:
 
 def phases(mode: Mode, models: dict[str, Path], steering_dir: Path, budget_kv: dict[str, int]) -> list[Phase]:
     args = list(mode.engine_args)
-    kv = {"VLLM_CPU_KVCACHE_SPACE": KV_SPACE_GIB}
+    kv = {**dict(mode.env), "VLLM_CPU_KVCACHE_SPACE": KV_SPACE_GIB}
     want = set(mode.comparisons)
     out = [Phase(ServerSpec("unipool-serve", "unipool-serve", models["unipool"], args,
                             env={**kv, "UNIPOOL_ROUTING_STATS": "1"}, steering_dir=steering_dir),
@@ -81,13 +101,14 @@ def phases(mode: Mode, models: dict[str, Path], steering_dir: Path, budget_kv: d
         out.append(Phase(ServerSpec("vllm-unipool", "vllm", models["unipool"], args, env=kv), "unipool", compare=True))
     if want & {"plugin", "pool"}:
         out.append(Phase(ServerSpec("vllm-vanilla", "vllm", models["vanilla"], args, env=kv), "vanilla", compare=True))
-    if "plugin" in want:
-        out.append(Phase(ServerSpec("vllm-mixtral", "vllm", models["mixtral"], args, env=kv), "mixtral", compare=True))
+    if want & {"plugin", "http"}:
+        out.append(Phase(ServerSpec("vllm-mixtral", "vllm", models["mixtral"], args, env=kv), "mixtral",
+                         sweep="http" in want, compare=True))
     if "budget" in want:
-        for key in ("vanilla", "unipool"):
+        for key in (mode.budget_baseline, "unipool"):
             # An explicit KV size in bytes; the GiB-granular VLLM_CPU_KVCACHE_SPACE must be unset.
             spec = ServerSpec(f"budget-{key}", "vllm", models[key],
                               [*args, "--kv-cache-memory-bytes", str(budget_kv[key])],
-                              env={"VLLM_CPU_KVCACHE_SPACE": None})
+                              env={**dict(mode.env), "VLLM_CPU_KVCACHE_SPACE": None})
             out.append(Phase(spec, key, budget=True))
     return out

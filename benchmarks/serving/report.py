@@ -5,7 +5,12 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-BEGIN, END = "<!-- serving-harness:begin -->", "<!-- serving-harness:end -->"
+
+
+def markers(section: str = "serving-harness") -> tuple[str, str]:
+    """The begin and end comments around a mode's own section of docs/benchmarks.md."""
+    return f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+
 
 # name: (A server, A kind, B server, B kind, concurrency key, target, what it says)
 RATIOS = [
@@ -13,19 +18,41 @@ RATIOS = [
     ("UniPool model on our plugin / vLLM Mixtral", ("vllm-unipool", "vllm-mixtral"), "compare_at", None),
     ("reduced pool / vanilla layout, same engine settings", ("vllm-unipool", "vllm-vanilla"), "compare_at", None),
     ("reduced pool / vanilla layout, same memory budget", ("budget-unipool", "budget-vanilla"), "budget_at", None),
+    ("reduced pool / vLLM Mixtral, same memory budget", ("budget-unipool", "budget-mixtral"), "budget_at", 1.3),
     ("front end (unipool-serve / vLLM's OpenAI server)", ("unipool-serve", "vllm-unipool"), "compare_at", 0.98),
     ("steering on (half the requests, 3 profiles) / off", ("unipool-serve:steering-on", "unipool-serve:steering-off"), "compare_at", 0.97),
     ("routing statistics on / off", ("unipool-serve", "unipool-serve-stats-off"), "compare_at", 0.98),
 ]
 
 
-def _tput(points, server, concurrency, repeat):
+def _tput(points, server, concurrency, repeat, key="output_throughput"):
     name, _, kind = server.partition(":")
     for p in points:
         if p["server"] == name and p["concurrency"] == concurrency and p["repeat"] == repeat and \
                 (p["kind"] == kind if kind else not p["kind"].startswith("steering")):
-            return p["output_throughput"]
+            return p[key]
     return None
+
+
+def _http_ratios(mode: dict, points: list[dict]) -> list[dict]:
+    """unipool-serve / vLLM's Mixtral at every swept concurrency: output tok/s (>= 1) and p99 ITL (<= 1.05)."""
+    out = []
+    if not any(p["server"] == "vllm-mixtral" and p["kind"] == "sweep" for p in points):
+        return out
+    for c in mode["concurrencies"]:
+        for label, key, target, direction in (("output tok/s", "output_throughput", 1.0, ">="),
+                                              ("p99 ITL", "p99_itl_ms", 1.05, "<=")):
+            per_repeat = []
+            for r in range(mode["repeats"]):
+                a = _tput(points, "unipool-serve", c, r, key)
+                b = _tput(points, "vllm-mixtral", c, r, key)
+                if a and b:
+                    per_repeat.append(a / b)
+            if per_repeat:
+                out.append({"comparison": f"unipool-serve (global pool) / vllm serve Mixtral, {label}",
+                            "a": "unipool-serve", "b": "vllm-mixtral", "concurrency": c, "ratios": per_repeat,
+                            "median": statistics.median(per_repeat), "target": target, "direction": direction})
+    return out
 
 
 def ratios(data: dict) -> list[dict]:
@@ -41,6 +68,7 @@ def ratios(data: dict) -> list[dict]:
         if per_repeat:
             out.append({"comparison": label, "a": a, "b": b, "concurrency": c, "ratios": per_repeat,
                         "median": statistics.median(per_repeat), "target": target})
+    out += _http_ratios(mode, points)
     ref = data.get("reference", {}).get("generate", [])
     for g in ref:
         b = g["batch"]
@@ -66,30 +94,35 @@ def _mib(x):
 
 def markdown(data: dict, img_prefix: str) -> str:
     mode, meta, points = data["mode"], data["meta"], data["points"]
-    lines = [BEGIN, f"## Serving on vLLM CPU: `benchmarks/run_serving.py` ({mode['name']} mode)", "",
+    begin, end = markers(mode.get("doc_section", "serving-harness"))
+    lines = [begin, f"## Serving on vLLM CPU: `benchmarks/run_serving.py` ({mode['name']} mode)", "",
              f"Command: `{meta['command']}`. Date: {meta['date']}. Machine: {meta['machine_text']}.", ""]
     lines += [f"- {c}" for c in meta["caveats"]]
     lines += ["", "Settings (identical for every server unless stated): " + meta["settings_text"], "",
               "### Headline ratios (output tokens/s, A / B)", "",
               "| comparison | concurrency | ratio (median (min-max, n)) | target |", "|---|---|---|---|"]
     for r in data["ratios"]:
-        target = f">= {r['target']}" if r["target"] else "-"
+        target = f"{r.get('direction', '>=')} {r['target']}" if r["target"] else "-"
         lines.append(f"| {r['comparison']} | {r['concurrency']} | {_spread(r['ratios'])} | {target} |")
-    lines += ["", "### `unipool-serve` sweep (UniPool model, vLLM's serving benchmark client)", "",
-              "| concurrency | prompts | output tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | peak RSS (MiB) | u_l per step (uniform) |",
-              "|---|---|---|---|---|---|---|"]
     ul = {u["batch"]: u for u in data.get("reference", {}).get("u_l", {}).get("unipool", [])}
-    for c in mode["concurrencies"]:
-        ps = [p for p in points if p["server"] == "unipool-serve" and p["kind"] == "sweep" and p["concurrency"] == c]
-        if not ps:
+    for server, what in (("unipool-serve", "UniPool model"), ("vllm-mixtral", "vLLM's Mixtral")):
+        swept = [p for p in points if p["server"] == server and p["kind"] == "sweep"]
+        if not swept:
             continue
-        f = lambda k: [p[k] for p in ps]
-        u = ul.get(c)
-        ucell = f"{u['u_mean']:.1f} ({u['u_uniform']:.1f})" if u else "-"
-        lines.append(f"| {c} | {ps[0]['num_prompts']} | {_spread(f('output_throughput'), '{:.1f}')} | "
-                     f"{_spread(f('median_ttft_ms'), '{:.0f}')} / {_spread(f('p99_ttft_ms'), '{:.0f}')} | "
-                     f"{_spread(f('median_itl_ms'), '{:.1f}')} / {_spread(f('p99_itl_ms'), '{:.1f}')} | "
-                     f"{_spread([p['rss_peak_bytes'] / 2**20 for p in ps], '{:.0f}')} | {ucell} |")
+        lines += ["", f"### `{server}` sweep ({what}, vLLM's serving benchmark client)", "",
+                  "| concurrency | prompts | output tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | peak RSS (MiB) | u_l per step (uniform) |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in mode["concurrencies"]:
+            ps = [p for p in swept if p["concurrency"] == c]
+            if not ps:
+                continue
+            f = lambda k: [p[k] for p in ps]
+            u = ul.get(c) if server == "unipool-serve" else None
+            ucell = f"{u['u_mean']:.1f} ({u['u_uniform']:.1f})" if u else "-"
+            lines.append(f"| {c} | {ps[0]['num_prompts']} | {_spread(f('output_throughput'), '{:.1f}')} | "
+                         f"{_spread(f('median_ttft_ms'), '{:.0f}')} / {_spread(f('p99_ttft_ms'), '{:.0f}')} | "
+                         f"{_spread(f('median_itl_ms'), '{:.1f}')} / {_spread(f('p99_itl_ms'), '{:.1f}')} | "
+                         f"{_spread([p['rss_peak_bytes'] / 2**20 for p in ps], '{:.0f}')} | {ucell} |")
     lines += ["", "### Every measured point", "",
               "| server | model | client | kind | concurrency | repeat | output tok/s | TTFT p50 (ms) | ITL p50 / p99 (ms) | peak RSS (MiB) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -107,19 +140,20 @@ def markdown(data: dict, img_prefix: str) -> str:
     lines += ["", "### Weights and the memory budget", "", "| model | weight bytes (MiB) | of which experts | experts stored |",
               "|---|---|---|---|"]
     shape = data["meta"]["shape"]
-    stored = {"unipool": f"{shape['layers'] * shape['experts_per_layer'] // 2} (one pool)",
+    stored = {"unipool": f"{shape.get('pool_experts') or shape['layers'] * shape['experts_per_layer'] // 2} (one pool)",
               "vanilla": f"{shape['layers'] * shape['experts_per_layer']} ({shape['experts_per_layer']} per layer)",
               "mixtral": f"{shape['layers'] * shape['experts_per_layer']} ({shape['experts_per_layer']} per layer)"}
     for k, v in w.items():
         lines.append(f"| {k} | {_mib(v['total'])} | {_mib(v['experts'])} | {stored[k]} |")
     if "kv" in budget:
-        lines += ["", f"Memory budget = vanilla weights + KV room for {mode['budget_kv_seqs']} sequences of "
+        base = budget.get("baseline", "vanilla")
+        lines += ["", f"Memory budget = {base} weights + KV room for {mode['budget_kv_seqs']} sequences of "
                   f"{data['meta']['workload']['input_len']}+{data['meta']['workload']['output_len']} tokens "
                   f"(rounded up to 128) = {_mib(budget['total_bytes'])} MiB; the reduced pool spends the weight "
                   f"bytes it saves on KV cache. KV bytes per token: {budget['kv_bytes_per_token']}.", "",
                   "| layout | KV bytes (MiB) | KV tokens (vLLM) | max concurrency at 512 tokens (vLLM) | "
                   f"output tok/s at concurrency {mode['budget_at']} |", "|---|---|---|---|---|"]
-        for k in ("vanilla", "unipool"):
+        for k in (base, "unipool"):
             srv = [s for s in data["servers"] if s["server"] == f"budget-{k}"]
             tp = [p["output_throughput"] for p in points if p["server"] == f"budget-{k}"]
             if srv:
@@ -142,16 +176,17 @@ def markdown(data: dict, img_prefix: str) -> str:
             lines.append(f"| {g['batch']} | {_spread(g['output_throughput'], '{:.1f}')} |")
     lines += ["", "Plots:", ""]
     lines += [f"![{name}]({img_prefix}{name}.png)" for name in data.get("plots", [])]
-    lines += ["", f"Raw data: `{data['meta']['json_path']}`.", END]
+    lines += ["", f"Raw data: `{data['meta']['json_path']}`.", end]
     return "\n".join(lines) + "\n"
 
 
-def update_doc(doc: Path, section: str) -> None:
-    """Replace our marked section in docs/benchmarks.md (append it if absent); other sections stay."""
+def update_doc(doc: Path, section: str, doc_section: str = "serving-harness") -> None:
+    """Replace the mode's marked section in docs/benchmarks.md (append it if absent); other sections stay."""
+    begin, end = markers(doc_section)
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
@@ -166,25 +201,29 @@ def plots(data: dict, out_dir: Path, prefix: str) -> list[str]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     names, points, mode = [], data["points"], data["mode"]
-    sweep = [p for p in points if p["server"] == "unipool-serve" and p["kind"] == "sweep"]
-    if sweep:
+    sweeps = {server: [p for p in points if p["server"] == server and p["kind"] == "sweep"]
+              for server in ("unipool-serve", "vllm-mixtral")}
+    sweeps = {server: sweep for server, sweep in sweeps.items() if sweep}
+    if sweeps:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
         for ax, key, label in zip(axes, ("output_throughput", "median_ttft_ms", "median_itl_ms"),
                                   ("output tokens/s", "TTFT p50 (ms)", "inter-token latency (ms)")):
-            cs = sorted({p["concurrency"] for p in sweep})
-            for p in sweep:
-                ax.scatter(p["concurrency"], p[key], color="tab:blue", alpha=0.5, s=14)
-            ax.plot(cs, [statistics.median(p[key] for p in sweep if p["concurrency"] == c) for c in cs], "o-",
-                    label="p50")
-            if key == "median_itl_ms":
-                ax.plot(cs, [statistics.median(p["p99_itl_ms"] for p in sweep if p["concurrency"] == c) for c in cs],
-                        "s--", label="p99")
-                ax.legend()
+            for (server, sweep), color in zip(sweeps.items(), ("tab:blue", "tab:orange")):
+                cs = sorted({p["concurrency"] for p in sweep})
+                for p in sweep:
+                    ax.scatter(p["concurrency"], p[key], color=color, alpha=0.5, s=14)
+                ax.plot(cs, [statistics.median(p[key] for p in sweep if p["concurrency"] == c) for c in cs], "o-",
+                        color=color, label=f"{server} p50")
+                if key == "median_itl_ms":
+                    ax.plot(cs, [statistics.median(p["p99_itl_ms"] for p in sweep if p["concurrency"] == c)
+                                 for c in cs], "s--", color=color, label=f"{server} p99")
+            if key == "median_itl_ms" or len(sweeps) > 1:
+                ax.legend(fontsize=7)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrency")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-        fig.suptitle("unipool-serve, UniPool model, vLLM CPU (points: repeats, line: median)")
+        fig.suptitle(f"{' vs '.join(sweeps)}, vLLM CPU (points: repeats, line: median)")
         fig.tight_layout()
         names.append(f"{prefix}sweep")
         fig.savefig(out_dir / f"{names[-1]}.png", dpi=100)

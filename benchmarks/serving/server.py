@@ -183,14 +183,16 @@ class Server:
 
 
 def other_engines_running() -> int:
-    """How many vLLM engine processes (not ours) are alive on this machine right now."""
-    me = os.getpid()
+    """How many vLLM engine processes (not ours: neither this process nor the servers it started) are
+    alive on this machine right now."""
+    me = psutil.Process()
+    ours = {me.pid, *(child.pid for child in me.children(recursive=True))}
     count = 0
     for proc in psutil.process_iter(["pid", "cmdline", "name"]):
         try:
             line = " ".join(proc.info["cmdline"] or [])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if proc.info["pid"] != me and ("vllm" in line or "unipool-serve" in line or "VLLM::" in (proc.info["name"] or "")):
+        if proc.info["pid"] not in ours and ("vllm" in line or "unipool-serve" in line or "VLLM::" in (proc.info["name"] or "")):
             count += 1
     return count
