@@ -123,8 +123,10 @@ def test_an_engine_that_cannot_start_ends_the_server_with_its_error(tiny_model_f
     log = tmp_path / "server.log"
     cmd = [sys.executable, "-m", "unipool_serve.server.cli", "--model", str(tiny_model_factory("lifecycle-model", seed=2)),
            "--enforce-eager", "--kv-cache-memory-bytes", "1024", "--host", "127.0.0.1", "--port", str(free_port())]
+    # VLLM_CPU_KVCACHE_SPACE (set by other tests of the session) would override the explicit KV size
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         code = proc.wait(timeout=400)  # a bound for the hang (vLLM's own engine-start timeout is 600 s)
     except subprocess.TimeoutExpired:
