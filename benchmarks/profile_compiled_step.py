@@ -107,12 +107,10 @@ def main(argv=None) -> None:
         for o in r["ops"][:args.top]:
             print(f"{o['op'][:60]:<60} {o['calls']:>7} {o['self_us_per_token']:>14.1f} {o['total_us_per_token']:>15.1f}")
     data = {"benchmark": "profile_compiled_step", "args": vars(args), "shape": shape.describe(),
-            "noisy": before["noisy"], "quiet_before": before, "quiet_after": quiet.after(before),
+            **quiet.record(before),
             "statistic": "torch.profiler key_averages over one generate of one request, per generated token",
             "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    quiet.write_json(args.out, data)
 
 
 if __name__ == "__main__":

@@ -295,15 +295,13 @@ def main(argv=None) -> None:
                       flush=True)
     print_table(results)
     data = {"benchmark": "profile_decode_step", "args": vars(args), "shape": shape.describe(),
-            "noisy": before["noisy"], "quiet_before": before, "quiet_after": quiet.after(before),
+            **quiet.record(before),
             "wrapper_cost_us_per_call": calibrate(),
             "machine": {"platform": platform.platform(), "python": platform.python_version()},
             "statistic": "exclusive wall time of each part summed over the decode steps of --repeats generates, "
                          "divided by the decode steps (and by the layers for per-layer parts); eager engine",
             "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    quiet.write_json(args.out, data)
 
 
 if __name__ == "__main__":

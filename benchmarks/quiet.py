@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -142,6 +143,19 @@ def after(before: dict | None = None, *, sample_s: float = SAMPLE_S) -> dict:
     limit = (before or {}).get("busy_percent_limit", BUSY_PERCENT)
     return {"load_after": round(os.getloadavg()[0], 2), "load_avg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
             "busy_processes_after": busy_processes(sample_s, limit), "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def record(before: dict) -> dict:
+    """The quiet fields of a benchmark's JSON: whether it was forced on a busy machine, and the machine
+    at its start and its end."""
+    return {"noisy": before["noisy"], "quiet_before": before, "quiet_after": after(before)}
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write a benchmark's JSON (its folder created) and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
