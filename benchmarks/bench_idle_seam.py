@@ -11,15 +11,17 @@ here every comparison is made inside one engine, per model:
 Each engine (compiled, vLLM's default; --eager for quick runs) has the steering worker, and
 runs R rounds of three modes:
 
-  idle           nobody steered: every step runs the unsteered variant (steering/idle_steps.py)
+  idle           nobody steered: every step runs the plain variant (steering/idle_steps.py)
   seam           nobody steered, but IdleSteps.always_read on (set by RPC, benchmarks/seam_rpc.py):
-                 every step runs the steered model reading all-zero rows, as every step ran
-                 before the unsteered variant existed (the old idle seam)
+                 every step runs the model, reading all-zero rows and copying the routing into
+                 the capture buffers, as every step ran before the plain variant existed (the
+                 old idle seam)
   half-steered   every other request of the batch steered, round-robin over three profiles (a
                  MASCing bias, an exclusion, an inclusion: bench_family_steering.py's); the
                  single request runs under the bias profile
   probed         nobody steered, every request scored by a routing probe (docs/probes.md): the
-                 probe's cost on the step (capture of the routing, the score after each step);
+                 probe's cost on the step (the model runs, its layers copy the routing out; the
+                 score after each step);
                  the probe is random and never fires (its cost does not depend on its weights)
 
 Each mode measures a batched generate (--requests requests of --prompt random tokens, --tokens
@@ -28,7 +30,7 @@ tokens): wall time and CPU time (on-CPU time, user and system) of the worker, th
 this driver (benchmarks/engine_layout.py). The modes run in order idle, seam, half-steered in even rounds and
 reversed in odd ones (a slow drift then weighs on every mode alike), after one warm-up generate
 per mode that is not counted. Each measurement also records how many steps ran each way
-(steered model / unsteered variant), so the JSON shows each mode ran on the variant it names.
+(model / plain variant), so the JSON shows each mode ran on the variant it names.
 
 Reported per model, kind (batched, single) and mode: median output tokens/s over the rounds
 (wall) and output tokens per worker CPU second; and per round the PAIRED ratios to idle of the
@@ -252,12 +254,12 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def steps_as_named(summary: dict) -> bool:
-    """idle ran only the unsteered variant, seam only the steered model, half-steered mostly the steered
+    """idle ran only the plain variant, seam and probed only the model, half-steered mostly the
     model (a step may hold only unsteered requests: vLLM's engine core starts on the first request
     of a batch before the rest arrive, so one may finish a step after the others)."""
     return all(s["idle"]["steps"]["read"] == 0 and s["seam"]["steps"]["unread"] == 0
                and s["half-steered"]["steps"]["read"] > s["half-steered"]["steps"]["unread"]
-               and s["probed"]["steps"]["read"] == 0
+               and s["probed"]["steps"]["unread"] == 0
                for s in summary.values())
 
 
@@ -314,15 +316,13 @@ def main(argv=None) -> None:
             results.append(run_engine(name, folders[MODELS[name]], args))
     print_table(results)
     data = {"benchmark": "bench_idle_seam", "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "shape": shape.describe(), "noisy": before["noisy"], "quiet_before": before, "quiet_after": quiet.after(before),
+            "shape": shape.describe(), **quiet.record(before),
             "machine": {"platform": platform.platform(), "python": platform.python_version()},
             "statistic": "per mode: median over rounds of output tokens/s (wall) and output tokens per worker CPU "
                          "second; ratio_vs_idle_*: per round, idle time / mode time of the same round (throughput "
                          "ratio, < 1 = the mode costs more), summarised as median, IQR (inclusive quartiles), min-max",
             "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    quiet.write_json(args.out, data)
 
 
 if __name__ == "__main__":

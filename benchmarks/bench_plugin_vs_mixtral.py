@@ -4,7 +4,9 @@ Both models: L layers, hidden H, expert width F, top-k softmax routing renormali
 (Mixtral's rule), E experts per pool (ours) / per layer (Mixtral), same attention
 shapes, same vocabulary, same engine settings. Variants, one engine at a time in this process:
 
-  mixtral             vLLM's MixtralForCausalLM (FusedMoE layer, per-layer experts)
+  mixtral             vLLM's MixtralForCausalLM (FusedMoE layer, per-layer experts) holding the
+                      vanilla layout's own weights (benchmarks/shapes.py): the same model on both
+                      servers, so they route alike and a step reads the same experts
   unipool-vanilla     ours, one pool per layer (same parameter count as Mixtral)
   unipool-global      ours, one global pool of E experts shared by all L layers
   unipool-global-nosteer  the same with UNIPOOL_STEERING=0 (routers skip the tables)
@@ -69,8 +71,9 @@ def write_unipool(path: Path, args, layers_per_pool: int) -> Path:
     return shape_sets.write_unipool(path, shapes(args), layers_per_pool, getattr(args, "write_dtype", "float32"))
 
 
-def write_mixtral(path: Path, args, tokenizer_from: Path) -> Path:
-    return shape_sets.write_mixtral(path, shapes(args), tokenizer_from, getattr(args, "write_dtype", "float32"))
+def write_mixtral(path: Path, vanilla: Path) -> Path:
+    """vLLM's Mixtral holding the vanilla folder's weights: the same model on both servers."""
+    return shape_sets.write_mixtral(path, vanilla)
 
 
 # ---- one engine ---------------------------------------------------------------------------------
@@ -248,7 +251,7 @@ def main(argv=None) -> None:
             if kind == "vanilla" or kind == "mixtral":
                 written.setdefault("vanilla", write_unipool(work / "unipool_vanilla", args, layers_per_pool=1))
             if kind == "mixtral":
-                written["mixtral"] = write_mixtral(work / "mixtral", args, written["vanilla"])
+                written["mixtral"] = write_mixtral(work / "mixtral", written["vanilla"])
             if kind == "global":
                 written["global"] = write_unipool(work / "unipool_global", args, args.layers)
         return written[kind]
@@ -274,8 +277,7 @@ def main(argv=None) -> None:
     results = summarise(engines, variants)
     print_table(results)
     shape = {**shape_sets.SHAPE_SETS[args.shape].describe(), **{f: getattr(args, f) for f in SHAPE_FIELDS}}
-    data = {"benchmark": "bench_plugin_vs_mixtral", "args": vars(args), "shape": shape, "noisy": before["noisy"],
-            "quiet_before": before, "quiet_after": quiet.after(before),
+    data = {"benchmark": "bench_plugin_vs_mixtral", "args": vars(args), "shape": shape, **quiet.record(before),
             "machine": {"platform": platform.platform(), "python": platform.python_version(),
                         "transparent_hugepage": _thp_mode()},
             "statistic": "per engine: median over repeats of the batched wall time -> output tokens/s; per variant: "
@@ -283,9 +285,7 @@ def main(argv=None) -> None:
                          "medians; ratio_vs_mixtral_per_round: engine i / Mixtral's engine i; CPU s per token: the "
                          "worker's user+system CPU time over the generated tokens",
             "engines": engines, "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    quiet.write_json(args.out, data)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,12 @@ if str(BENCH) not in sys.path:
 import shapes as shape_sets  # noqa: E402
 
 VARIANTS = ("mixtral", "unipool-vanilla", "unipool-global")
+# vLLM's Mixtral with the steering worker and nobody steered: what the idle worker adds to plain vLLM
+EXTRA_VARIANTS = ("mixtral-worker",)
+WORKER = "unipool_serve.model_executor.steering.worker.SteeringWorker"
 
 
-def profile_one(model: str, dtype: str, tokens: int) -> dict:
+def profile_one(model: str, dtype: str, tokens: int, worker: bool = False) -> dict:
     """Inside the variant's own process."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -49,7 +52,7 @@ def profile_one(model: str, dtype: str, tokens: int) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype=dtype, max_model_len=512, max_num_seqs=16, max_num_batched_tokens=2048,
-              enable_prefix_caching=False, seed=0)
+              enable_prefix_caching=False, seed=0, **({"worker_cls": WORKER} if worker else {}))
     prompt = [{"prompt_token_ids": list(range(3, 67))}]
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     for _ in range(2):
@@ -74,16 +77,17 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="compiled-step-profile.json")
     ap.add_argument("--force-noisy", action="store_true")
     ap.add_argument("--wait-quiet", type=float, default=0)
-    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # MODEL DTYPE, inside a variant's process
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # MODEL DTYPE WORKER, inside a variant's process
     args = ap.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(profile_one(args.child[0], args.child[1], args.tokens)), flush=True)
+        model, dtype, worker = args.child
+        print("RESULT " + json.dumps(profile_one(model, dtype, args.tokens, worker == "worker")), flush=True)
         return
     import quiet
 
     variants = args.variants.split(",")
-    if set(variants) - set(VARIANTS):
-        ap.error(f"unknown variants {sorted(set(variants) - set(VARIANTS))}")
+    if set(variants) - set(VARIANTS + EXTRA_VARIANTS):
+        ap.error(f"unknown variants {sorted(set(variants) - set(VARIANTS + EXTRA_VARIANTS))}")
     before = quiet.check(args.force_noisy, wait_s=args.wait_quiet)
     shape = shape_sets.SHAPE_SETS[args.shape]
     fields = shape_sets.config_fields(shape.layers, shape.hidden, shape.width, shape.experts, shape.top_k)
@@ -91,12 +95,13 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="profile_compiled_") as tmp:
         vanilla = shape_sets.write_unipool(Path(tmp) / "vanilla", fields, 1, shape.write_dtype)
         folders = {"unipool-vanilla": vanilla,
-                   "mixtral": shape_sets.write_mixtral(Path(tmp) / "mixtral", fields, vanilla, shape.write_dtype),
+                   "mixtral": shape_sets.write_mixtral(Path(tmp) / "mixtral", vanilla),
                    "unipool-global": shape_sets.write_unipool(Path(tmp) / "global", fields, shape.layers,
                                                               shape.write_dtype)}
         for variant in variants:
             run = subprocess.run([sys.executable, __file__, "--tokens", str(args.tokens), "--child",
-                                  str(folders[variant]), shape.dtype], capture_output=True, text=True)
+                                  str(folders[variant.removesuffix("-worker")]), shape.dtype,
+                                  "worker" if variant.endswith("-worker") else "plain"], capture_output=True, text=True)
             lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
             if run.returncode or not lines:
                 sys.exit(f"{variant}: the profiled engine failed (exit {run.returncode}):\n{run.stderr[-3000:]}")

@@ -81,32 +81,70 @@ def write_unipool(path: Path, fields: dict, layers_per_pool: int, write_dtype: s
                             norm_topk_prob=True, layers_per_pool=layers_per_pool, **fields)
 
 
-def write_mixtral(path: Path, fields: dict, tokenizer_from: Path, write_dtype: str = "float32") -> Path:
-    """vLLM's built-in MixtralForCausalLM at the same shapes (transformers' class writes it)."""
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+def write_mixtral(path: Path, vanilla: Path) -> Path:
+    """vLLM's built-in MixtralForCausalLM holding the vanilla folder's own weights.
 
-    s = fields
+    Two random models route differently (how many distinct experts a step reads, so how many
+    bytes it streams, is a property of the weights), so a Mixtral drawn on its own would compare
+    two models, not two servers. Here every tensor is the vanilla layout's: pool l's gate_up rows
+    become layer l's experts' w1 (gate) and w3 (up), its down_proj their w2, router l the layer's
+    gate. Both folders then compute the same function (tests/benchmarks/test_mixtral_twin.py).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import MixtralConfig
+
+    from unipool_serve.model_executor.config import UniPoolConfig
+
+    ours = UniPoolConfig.from_pretrained(str(vanilla))
+    if (ours.layers_per_pool, ours.layers_per_router, ours.router_type, ours.norm_topk_prob,
+            ours.shared_expert_intermediate_size) != (1, 1, "softmax", True, 0):
+        raise ValueError(f"{vanilla}: a Mixtral twin needs the vanilla layout (one pool and router per layer, "
+                         "softmax top-k renormalised, no shared expert)")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(vanilla).glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    dtype = tensors["model.embed_tokens.weight"].dtype
+    width = ours.expert_intermediate_size
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        parts = name.split(".")
+        if parts[1] == "pools":
+            continue
+        if parts[1] == "routers":
+            out[f"model.layers.{parts[2]}.block_sparse_moe.gate.weight"] = tensor.to(dtype)
+        else:
+            out[name] = tensor
+    for layer in range(ours.num_hidden_layers):
+        gate_up = tensors[f"model.pools.{layer}.gate_up_proj"]  # [E, 2F, H], gate rows first
+        down = tensors[f"model.pools.{layer}.down_proj"]  # [E, H, F]
+        for e in range(ours.num_experts):
+            prefix = f"model.layers.{layer}.block_sparse_moe.experts.{e}"
+            out[f"{prefix}.w1.weight"] = gate_up[e, :width].contiguous()
+            out[f"{prefix}.w3.weight"] = gate_up[e, width:].contiguous()
+            out[f"{prefix}.w2.weight"] = down[e].contiguous()
     config = MixtralConfig(
-        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["expert_intermediate_size"],
-        num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
-        num_key_value_heads=s["num_key_value_heads"], head_dim=64, num_local_experts=s["num_experts"],
-        num_experts_per_tok=s["num_experts_per_tok"], max_position_embeddings=s["max_position_embeddings"],
-        rope_theta=1e6, tie_word_embeddings=False, initializer_range=0.05, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0,
+        vocab_size=ours.vocab_size, hidden_size=ours.hidden_size, intermediate_size=width,
+        num_hidden_layers=ours.num_hidden_layers, num_attention_heads=ours.num_attention_heads,
+        num_key_value_heads=ours.num_key_value_heads, head_dim=ours.head_dim, num_local_experts=ours.num_experts,
+        num_experts_per_tok=ours.num_experts_per_tok, max_position_embeddings=ours.max_position_embeddings,
+        rope_theta=ours.rope_parameters["rope_theta"], rms_norm_eps=ours.rms_norm_eps, tie_word_embeddings=False,
+        bos_token_id=ours.bos_token_id, eos_token_id=ours.eos_token_id, pad_token_id=ours.pad_token_id,
+        architectures=["MixtralForCausalLM"], dtype=str(dtype).removeprefix("torch."),
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        MixtralForCausalLM(config).to(_torch_dtype(write_dtype)).save_pretrained(str(path))
-    for f in Path(tokenizer_from).iterdir():
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(path))
+    save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
+    for f in Path(vanilla).iterdir():
         if "token" in f.name or f.name == "special_tokens_map.json":
-            shutil.copy(f, Path(path) / f.name)
-    return Path(path)
+            shutil.copy(f, path / f.name)
+    return path
 
 
 def write_models(work: Path, shape: ShapeSet, which: tuple[str, ...]) -> dict[str, Path]:
-    """Model folders of `shape` under work/: any of "vanilla", "global", "mixtral" (Mixtral takes the
-    vanilla folder's tokenizer, which is then written too)."""
+    """Model folders of `shape` under work/: any of "vanilla", "global", "mixtral" (Mixtral holds the
+    vanilla folder's weights and tokenizer, so that is written too)."""
     fields = config_fields(shape.layers, shape.hidden, shape.width, shape.experts, shape.top_k, shape.vocab,
                            shape.max_positions)
     out: dict[str, Path] = {}
@@ -115,5 +153,5 @@ def write_models(work: Path, shape: ShapeSet, which: tuple[str, ...]) -> dict[st
     if "global" in which:
         out["global"] = write_unipool(Path(work) / "unipool_global", fields, shape.layers, shape.write_dtype)
     if "mixtral" in which:
-        out["mixtral"] = write_mixtral(Path(work) / "mixtral", fields, out["vanilla"], shape.write_dtype)
+        out["mixtral"] = write_mixtral(Path(work) / "mixtral", out["vanilla"])
     return out

@@ -1,4 +1,4 @@
-"""Benchmark model folders: a UniPool pool, the vanilla per-layer layout, and a Mixtral twin.
+"""Benchmark model folders: a UniPool pool, the vanilla per-layer layout, and its Mixtral twin.
 
 Shapes (one `Shape` per run mode) are chosen so that the MoE dominates a decode step
 on vLLM CPU while a start still takes seconds: hidden 512, head_dim 64, expert width
@@ -98,13 +98,10 @@ def write_vanilla(path: Path, shape: Shape, *, seed: int = 0) -> Path:
 
 
 def write_mixtral(path: Path, shape: Shape, *, seed: int = 0) -> Path:
-    """vLLM's built-in Mixtral with the vanilla layout's shapes (bench_plugin_vs_mixtral's writer)."""
-    module, args = _shape_args(shape, shape.experts_per_layer)
-    tokenizer_from = Path(path).parent / "vanilla"
-    if not (tokenizer_from / "tokenizer.json").exists():
-        write_vanilla(tokenizer_from, shape)
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return module.write_mixtral(Path(path), args, tokenizer_from)
+    """vLLM's built-in Mixtral holding the vanilla layout's own weights (benchmarks/shapes.py)."""
+    vanilla = write_all(Path(path).parent, shape, ("vanilla",))["vanilla"]
+    module, _ = _plugin_bench()
+    return module.write_mixtral(Path(path), vanilla)
 
 
 def write_profiles(model_dir: Path, out_dir: Path, names=("bias", "exclude", "include")) -> list[str]:
