@@ -16,12 +16,12 @@ def _idle_steps(worker):
 
 
 def set_always_read(worker, on: bool) -> bool:
-    """IdleSteps.always_read (steering/idle_steps.py): every step on the steered variant, as the model
-    ran before the unsteered variant existed. Returns the value now set."""
+    """IdleSteps.always_read (steering/idle_steps.py): every step on the model, as it ran before the plain
+    variant existed. Returns the value now set."""
     _idle_steps(worker).always_read = bool(on)
     return _idle_steps(worker).always_read
 
 
 def steps_each_way(worker) -> dict[str, int]:
-    """Steps run on the steered model ("read") and on the unsteered variant ("unread") so far."""
+    """Steps run on the model ("read") and on its plain variant ("unread") so far."""
     return dict(_idle_steps(worker).steps)

@@ -1,9 +1,11 @@
 """Per-request routing capture: the experts (and router logits) each token of a request was routed with.
 
-Device side, `RoutingCapture`: every step, each MoE layer copies its routing decision
-(`topk_ids` after steering and budgets; dropped slots hold id E) and its raw router logits
-(fp16, before steering) into persistent buffers, [R, max_tokens, k] and [R, max_tokens, E]:
-one small copy per layer, the same ops every step (compiled graphs keep them). Row r holds
+Device side, `RoutingCapture`: in a step where some request wants its routing (captured or
+probed: `step_records`, set by the worker before the step), each MoE layer copies its routing
+decision (`topk_ids` after steering and budgets; dropped slots hold id E) and its raw router
+logits (fp16, before steering) into persistent buffers, [R, max_tokens, k] and [R, max_tokens, E]:
+one small copy per layer. Other steps run the model's plain variant, which records nothing
+(steering/idle_steps.py; what the copies cost: docs/benchmarks.md). Row r holds
 decoder layer `layers[r]`: every layer of a UniPool model, the MoE layers of one of vLLM's
 families (layers without experts have no row). Our own model records both at once
 (`record`); a family's gate hook records the logits and its router tap the ids
@@ -20,6 +22,7 @@ ids fit (fewer than 256 experts), else uint16; logits [tokens, layers, experts] 
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
@@ -36,6 +39,8 @@ class RoutingCapture(nn.Module):
                  layers: tuple[int, ...] | None = None):
         super().__init__()
         self.enabled = enabled
+        self.step_records = False  # does a request of this step want its routing? (set by the worker per step)
+        self.recording = True  # off while the plain variant of the model runs or is traced (idle_steps.py)
         self.layers = tuple(range(num_layers)) if layers is None else tuple(layers)  # row -> decoder layer
         shape = (len(self.layers), max_tokens if enabled else 0)
         self.register_buffer("ids", torch.zeros(*shape, top_k, dtype=torch.int32), persistent=False)
@@ -47,12 +52,21 @@ class RoutingCapture(nn.Module):
         self.record_logits(row, logits)
 
     def record_ids(self, row: int, topk_ids: torch.Tensor) -> None:
-        if self.enabled:
+        if self.enabled and self.recording:
             self.ids[row, :topk_ids.shape[0]].copy_(topk_ids)
 
     def record_logits(self, row: int, logits: torch.Tensor) -> None:
-        if self.enabled:
+        if self.enabled and self.recording:
             self.logits[row, :logits.shape[0]].copy_(logits)
+
+    @contextlib.contextmanager
+    def unrecorded(self):
+        """Layers record nothing in this block (the plain variant of the model runs, or is traced)."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -265,7 +265,8 @@ class UniPoolForCausalLM(nn.Module, SupportsPP):
         config: UniPoolConfig = vllm_config.model_config.hf_config
         self.config = config
         self.model = UniPoolModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.idle_steps = IdleSteps(self.model, self.model.steering, vllm_config)  # what a step nobody steers runs
+        # what a step without a steered token or a captured request runs
+        self.idle_steps = IdleSteps(self.model, self.model.steering, self.model.routing_capture, vllm_config)
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
             if config.tie_word_embeddings:

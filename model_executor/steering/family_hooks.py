@@ -17,8 +17,9 @@ vLLM's model code and its fused MoE kernels stay in charge; two seams per MoE la
                       steered tokens' selection with kernels/routing_reference.grouped_select.
                       Unsteered tokens keep vLLM's own selection, bit for bit.
 
-Both read the table's view, which is empty while a step nobody steers runs: such steps run
-the model's decoder stack compiled a second time without them (steering/idle_steps.py).
+Both read the table's view, which is empty, and record nothing, while a step nobody steers
+or captures runs: such steps run the model's decoder stack compiled a second time without
+them (steering/idle_steps.py), the routing counts alone left in the router tap.
 Installed only by the steering worker (SteeringWorker.load_model), so an engine without that
 worker serves exactly as vLLM does. Not covered: monolithic MoE kernels that take the logits
 and never call the router (some quantised GPU paths, vLLM's int4 CPU kernels: the logit
@@ -163,8 +164,8 @@ def attach(model: torch.nn.Module, vllm_config) -> Family:
             GateHook(model.steering, layer_index, model.routing_capture, row))
         RouterTap(block.experts.router, model.steering, model.routing_counts, layer_index, grouped,
                   model.routing_capture, row)
-    # steps nobody steers run the decoder stack compiled without the hooks' steering (idle_steps.py)
-    model.idle_steps = IdleSteps.route_calls_of(model.model, model.steering, vllm_config)
+    # steps nobody steers or captures run the decoder stack compiled without the hooks' seams (idle_steps.py)
+    model.idle_steps = IdleSteps.route_calls_of(model.model, model.steering, model.routing_capture, vllm_config)
     logger.info("steering %s: %d MoE layers hooked (router kind %s, dense layers %s, routing capture %s)",
                 shape.architecture, len(hooked), shape.router_kind, list(shape.dense_layers), "on" if capture else "off")
     return family

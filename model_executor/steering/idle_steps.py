@@ -1,26 +1,30 @@
-"""Steps that nobody steers run a second compiled variant of the model, whose routers never read the tables.
+"""Steps that need no seam run a second compiled variant of the model: no table read, no capture copy.
 
-A model compiled once reads the steering tables in every step: a branch on the step's rows
-would be frozen into the graph. So its layers are compiled twice, side by side, with nothing
-owned twice:
+A model compiled once runs its seams in every step: the routers read the steering tables,
+the layers copy their routing into the capture buffers. A branch on the step's rows would be
+frozen into the graph. So its layers are compiled twice, side by side, with nothing owned twice:
 
-  the model itself   its routers read the step's rows: a step with a steered token or a budget
-  UnsteeredVariant   its routers never read them: op for op what an engine built with
-                     UNIPOOL_STEERING=0 runs
+  the model itself   its routers read the step's rows and its layers record the routing: a step
+                     with a steered token, a budget, or a request whose routing is captured or
+                     probed
+  PlainVariant       neither: op for op what an engine built with UNIPOOL_STEERING=0 and
+                     UNIPOOL_ROUTING_CAPTURE=0 runs (the routing counts stay: they count every step)
 
-`IdleSteps` chooses per step, in plain Python outside both graphs, from the flag the worker
-hook sets with the step's index (`SteeringTable.step_reads`). The variant runs with the table's
-`reading` off: while it is traced (vLLM drops dynamo's guards, so the flag is read then and
-never again) its graph gets no table read at all, and in eager mode the flag does the same at
-run time. The worker's warm-up runs each dummy step both ways, so both variants are compiled
-(and, where vLLM captures CUDA graphs, captured) before the engine serves (steering/worker.py).
-Our own model dispatches through it (vllm_model.py); for vLLM's families the hooks read the same
-flag and their model's inner module dispatches through it (steering/family_hooks.py).
-`always_read`, a benchmark switch (benchmarks/bench_idle_seam.py): every step on the steered model, as before.
+`IdleSteps` chooses per step, in plain Python outside both graphs, from the flags the worker
+hook sets with the step's index (`SteeringTable.step_reads`, `RoutingCapture.step_records`).
+The variant runs inside `plain_step`, the table's `reading` and the capture's `recording`
+off: while it is traced (vLLM drops dynamo's guards, so the flags are read then and never
+again) its graph gets neither seam, and in eager mode the flags do the same at run time. The
+worker's warm-up runs each dummy step both ways, so both variants are compiled (and, where
+vLLM captures CUDA graphs, captured) before the engine serves (steering/worker.py). Our own
+model dispatches through it (vllm_model.py); for vLLM's families the hooks read the same flags
+and their model's inner module dispatches through it (steering/family_hooks.py).
+`always_read`, a benchmark switch (benchmarks/bench_idle_seam.py): every step on the model, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -30,15 +34,23 @@ from vllm.compilation.decorators import support_torch_compile
 from vllm.config import set_current_vllm_config
 from vllm.sequence import IntermediateTensors
 
+from ..routing_capture import RoutingCapture
 from .table import SteeringTable
 
-VARIANT_TAG = "unipool_unsteered"  # its own name in vLLM's compile logs and caches
+VARIANT_TAG = "unipool_plain"  # its own name in vLLM's compile logs and caches
+
+
+@contextlib.contextmanager
+def plain_step(table: SteeringTable, capture: RoutingCapture | None):
+    """The layers neither read the steering tables nor record the routing in this block."""
+    with table.unread(), capture.unrecorded() if capture is not None else contextlib.nullcontext():
+        yield
 
 
 # the token dimension of each input (positions: the last one, as in vLLM's M-RoPE models)
 @support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0,
                                          "inputs_embeds": 0})
-class UnsteeredVariant(nn.Module):
+class PlainVariant(nn.Module):
     """A model's inner module (the layers), compiled again; it owns nothing (`inner` is a plain reference)."""
 
     def __init__(self, *, vllm_config, prefix: str = "", inner: nn.Module | None = None):
@@ -56,39 +68,41 @@ class UnsteeredVariant(nn.Module):
 
 
 class IdleSteps:
-    """Runs each step on the model (`run_model`, the inner module's own call) or on its unsteered variant."""
+    """Runs each step on the model (`run_model`, the inner module's own call) or on its plain variant."""
 
-    # benchmarks: every step on the steered variant even when nobody steers, as the model ran before the
-    # unsteered variant existed (its rows then reset each step: row 0, full k, as fill_index did)
+    # benchmarks: every step on the model even when nobody steers, as it ran before the plain variant existed
     always_read: bool = False
 
-    def __init__(self, inner: nn.Module, table: SteeringTable, vllm_config, run_model: Callable | None = None):
-        self.table = table
+    def __init__(self, inner: nn.Module, table: SteeringTable, capture: RoutingCapture | None, vllm_config,
+                 run_model: Callable | None = None):
+        self.table, self.capture = table, capture
         self.run_model = run_model or inner.__call__
-        self.variant: UnsteeredVariant | None = None
+        self.variant: PlainVariant | None = None
         self.steps = {"read": 0, "unread": 0}  # steps run each way (warm-up included): tests, debugging
-        if table.enabled:  # with steering built off, the model never reads the tables: one variant is all
+        if table.enabled or (capture is not None and capture.enabled):  # with both seams built off: one graph
             with set_current_vllm_config(vllm_config), set_model_tag(VARIANT_TAG):
-                self.variant = UnsteeredVariant(vllm_config=vllm_config, inner=inner)
+                self.variant = PlainVariant(vllm_config=vllm_config, inner=inner)
 
     def __call__(self, *args, **kwargs):
-        if self.variant is None or self.table.step_reads or self.always_read:
-            if self.always_read and not self.table.step_reads:  # no stale row or budget of an earlier step
-                self.table.index.zero_()
-                self.table.budget.fill_(self.table.top_k)
+        records = self.capture is not None and self.capture.step_records
+        if self.variant is None or self.table.step_reads or records or self.always_read:
+            if self.table.enabled and not self.table.step_reads:  # no row or budget of an earlier step applies
+                self.table.clear_index()
             self.steps["read"] += 1
             return self.run_model(*args, **kwargs)
         self.steps["unread"] += 1
-        with self.table.unread():
+        with plain_step(self.table, self.capture):
             return self.variant(*args, **kwargs)
 
     @classmethod
-    def route_calls_of(cls, inner: nn.Module, table: SteeringTable, vllm_config) -> IdleSteps:
+    def route_calls_of(cls, inner: nn.Module, table: SteeringTable, capture: RoutingCapture | None,
+                       vllm_config) -> IdleSteps:
         """Make every call of a model's inner module (one of vLLM's families: its decoder stack, which
         its outer class calls) go through IdleSteps. Its class is swapped for a subclass whose
         `__call__` dispatches; the module, its parameters and its forward are unchanged."""
         own_call = type(inner).__call__
-        idle_steps = cls(inner, table, vllm_config, run_model=lambda *args, **kwargs: own_call(inner, *args, **kwargs))
+        idle_steps = cls(inner, table, capture, vllm_config,
+                         run_model=lambda *args, **kwargs: own_call(inner, *args, **kwargs))
         inner.__class__ = type(type(inner).__name__, (type(inner),),
                                {"__call__": lambda self, *args, **kwargs: idle_steps(*args, **kwargs)})
         return idle_steps

@@ -87,6 +87,13 @@ class RequestRows:
             return contract.NO_ROW
         return verified
 
+    def records(self, keys) -> bool:
+        """Does any of these requests want this step's routing (captured, or scored by a probe)?"""
+        if self.captured is None and self.probed is None:
+            return False
+        return any((self.captured is not None and self.captured.wants(k)) or
+                   (self.probed is not None and self.probed.wants(k)) for k in keys)
+
     def gate_from(self, key: Hashable) -> int | None:
         """The first position a gated request's row applies to (None: not open, or not gated)."""
         return None if self.probed is None else self.probed.gate_from(key)

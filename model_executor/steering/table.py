@@ -16,12 +16,12 @@ a row arrives as {table: [L][E] values} and a new table is one more key at both 
 The table also records which profile content each row holds (`digests`, see
 contract.digest), so a request admitted with a row that has since been rewritten is never
 steered with another profile's content, and whether the current step reads the tables at
-all (`step_reads`: some token of it has a row or a budget). A step that does not runs a
-variant of the model whose routers never read the tables (steering/idle_steps.py: the idle
-seam then costs nothing); `reading` is off while that variant runs (or is traced), and
-`view()` then gives the routers nothing to read. Whoever fills the index must write (at least) the
-first num_tokens entries of both per-token buffers every step: they persist between steps
-and warm-up runs.
+all (`step_reads`: some token of it has a row or a budget). A step that does not (and whose
+routing nobody captures) runs the model's plain variant, whose routers never read the tables
+(steering/idle_steps.py: the idle seam then costs nothing); `reading` is off while that variant
+runs (or is traced), and `view()` then gives the routers nothing to read. A step that reads
+them has the first num_tokens entries of both per-token buffers written (`fill_index`) or the
+whole index cleared (`clear_index`): they persist between steps and warm-up runs.
 Nothing here is specific to one model family: any MoE model's routers can read a table.
 """
 
@@ -72,7 +72,7 @@ class SteeringTable(nn.Module):
             self.register_buffer(table, torch.zeros(shape, dtype=dtype), persistent=False)
         self.digests: dict[int, str] = {}  # row -> digest of the profile it holds
         self.step_reads = False  # does this step's index hold a row or a budget? (set with the index)
-        self.reading = True  # off while the unsteered variant of the model runs or is traced
+        self.reading = True  # off while the plain variant of the model runs or is traced (idle_steps.py)
 
     @classmethod
     def for_model(cls, vllm_config, num_layers: int, num_experts: int, top_k: int) -> SteeringTable:
@@ -81,14 +81,14 @@ class SteeringTable(nn.Module):
                    top_k, setting("UNIPOOL_STEERING"))
 
     def view(self, num_tokens: int) -> SteeringView | None:
-        """What the routers of this step read (None: steering is built off, or this is the unsteered variant)."""
+        """What the routers of this step read (None: steering is built off, or this is the plain variant)."""
         if not (self.enabled and self.reading):
             return None
         return SteeringView(self.index[:num_tokens], self.bias, self.mask, self.budget[:num_tokens])
 
     @contextlib.contextmanager
     def unread(self):
-        """Routers read nothing in this block (the unsteered variant of the model runs, or is traced)."""
+        """Routers read nothing in this block (the plain variant of the model runs, or is traced)."""
         self.reading = False
         try:
             yield
@@ -120,6 +120,12 @@ class SteeringTable(nn.Module):
         return (slot == 0 and row_digest == "") or self.digests.get(slot) == row_digest
 
     # ---- the step's index ---------------------------------------------------
+    def clear_index(self) -> None:
+        """No row and the full k for every token: for a step that runs the model without rows of its own (it
+        records routing, or a benchmark forces it), where an earlier step's rows may still sit in the index."""
+        self.index.zero_()
+        self.budget.fill_(self.top_k)
+
     def fill_index(self, num_tokens: int, rows: np.ndarray | None, budgets: np.ndarray | None = None) -> None:
         """Reset the step's first num_tokens entries (no row, full k: padding and stale values),
         then write each token's row and budget (None: none this step). A step with neither

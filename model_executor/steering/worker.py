@@ -42,7 +42,7 @@ import numpy as np
 from vllm.distributed import get_pp_group
 from vllm.platforms import current_platform
 
-from ..routing_capture import CapturedRequests
+from ..routing_capture import CapturedRequests, RoutingCapture
 from ..settings import setting
 from . import contract
 from .probing import ProbedRequests, ProbeRows, collect_probed
@@ -60,8 +60,8 @@ logger = logging.getLogger("unipool_serve.worker")
 class V1StepHook:
     """Fills the index before each `_model_forward` of a V1 model runner."""
 
-    def __init__(self, runner, rows: RequestRows):
-        self.runner, self.rows = runner, rows
+    def __init__(self, runner, rows: RequestRows, capture: RoutingCapture | None = None):
+        self.runner, self.rows, self.capture = runner, rows, capture
         original = runner._model_forward
 
         def model_forward(input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **kw):
@@ -86,6 +86,8 @@ class V1StepHook:
         token_positions = positions[:num_tokens].cpu().numpy() if gated else None
         self.rows.table.fill_index(num_tokens, *self.rows.per_token(req_ids, self.runner.query_start_loc.np,
                                                                     token_positions))
+        if self.capture is not None:  # layers copy their routing out only in a step that someone wants it of
+            self.capture.step_records = self.rows.records(req_ids)
 
     def collect(self, positions) -> None:
         """After the forward: the capturing and probed requests' routing of this step, by token position."""
@@ -149,7 +151,7 @@ class SteeringWorker(_PlatformWorker):
         probed = ProbedRequests(self._probe_rows, capture) if captures else None
         self._steering_rows = RequestRows(model.steering, captured, probed)
         if hasattr(runner, "_model_forward"):
-            V1StepHook(runner, self._steering_rows)
+            V1StepHook(runner, self._steering_rows, capture)
         elif hasattr(runner, "model_state"):
             V2StepHook(runner, self._steering_rows)
         else:
@@ -162,7 +164,7 @@ class SteeringWorker(_PlatformWorker):
     @contextlib.contextmanager
     def _warm_up_both_variants(self):
         """Every dummy run of the warm-up runs twice: once as a steered step, once as an idle one, so
-        that a model with an unsteered variant (steering/idle_steps.py) has both compiled
+        that a model with a plain variant (steering/idle_steps.py) has both compiled
         (and, where vLLM captures CUDA graphs, captured) before it serves; otherwise the first steered
         request would wait for a compilation."""
         runner, table = self.model_runner, self._table()

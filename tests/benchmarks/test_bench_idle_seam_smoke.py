@@ -28,7 +28,7 @@ def test_bench_idle_seam_smoke(tmp_path):
     for per_mode in engine["summary"].values():
         assert set(per_mode) == {"idle", "seam", "half-steered", "probed"}
         assert {"ratio_vs_idle_wall", "ratio_vs_idle_worker_cpu"} <= set(per_mode["seam"])
-    # idle and probed: only the unsteered variant; seam (IdleSteps.always_read): only the steered model
+    # idle: only the plain variant; seam (IdleSteps.always_read) and probed: only the model
     assert engine["steps_as_named"]
     rows = engine["measurements"]
     assert len(rows) == 2 * 4 * 2  # rounds x modes x (batched, single)

@@ -35,7 +35,8 @@ def stop(worker) -> dict:
 
 
 def steps_each_way(worker) -> dict[str, int]:
-    """How many steps read the steering tables and how many ran the unsteered variant (warm-up included)."""
+    """How many steps ran the model (its seams: table reads, capture copies) and how many its plain variant
+    (warm-up included)."""
     return dict(worker.model_runner.get_model().idle_steps.steps)
 
 
@@ -43,3 +44,10 @@ def graph_breaks(worker) -> int:
     from torch._dynamo.utils import counters
 
     return sum(counters["graph_break"].values())
+
+
+def take_captured_experts(worker, request_id: str) -> bytes:
+    """The captured experts (.npy bytes) of the offline request `request_id` (vLLM suffixes LLM's ids)."""
+    worker = getattr(worker, "worker", worker)
+    held = [r for r in worker._steering_rows.captured._rows if r.rsplit("-", 1)[0] == request_id]
+    return worker.unipool_take_capture(held)[held[0]]["experts"]

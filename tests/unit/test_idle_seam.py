@@ -1,7 +1,9 @@
-"""Steering nobody uses costs nothing: a step without a steered token or a budget runs the same ops per
-layer as an engine built with UNIPOOL_STEERING=0, for our own MoE block and for the hooks on vLLM's
-families. Checked on the traced graphs (make_fx), not on a clock; the compiled engine's side (which
-variant each step runs, no host read per layer) is tests/engine/test_idle_seam_engine.py."""
+"""Seams nobody uses cost nothing: a step without a steered token, a budget or a request whose routing is
+captured runs the same ops per layer as an engine built with UNIPOOL_STEERING=0 and
+UNIPOOL_ROUTING_CAPTURE=0, for our own MoE block and for the hooks on vLLM's families (there: plain vLLM's
+layer plus the routing counts). Checked on the traced graphs (make_fx), not on a clock; the compiled
+engine's side (which variant each step runs, no host read per layer) is
+tests/engine/test_idle_seam_engine.py."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from unipool_serve.model_executor.moe_backend import TorchBackend
 from unipool_serve.model_executor.router import PoolRouter
 from unipool_serve.model_executor.routing_capture import RoutingCapture
 from unipool_serve.model_executor.routing_counts import RoutingCounts
+from unipool_serve.model_executor.steering.idle_steps import plain_step
 from unipool_serve.model_executor.steering.table import SteeringTable
 
 T = 6
@@ -28,7 +31,7 @@ def _ops(fn, *args) -> list[str]:
     return [str(node.target) for node in graph.nodes if node.op == "call_function"]
 
 
-def _moe(monkeypatch, steering_on: bool):
+def _moe(monkeypatch, steering_on: bool, capture_on: bool = True):
     from unipool_serve.model_executor import vllm_model
 
     monkeypatch.setattr(vllm_model, "get_tensor_model_parallel_world_size", lambda: 1)
@@ -41,20 +44,21 @@ def _moe(monkeypatch, steering_on: bool):
     nn.init.normal_(router.weight)
     parts = vllm_model.ModelParts(config, nn.ModuleList([pool]), nn.ModuleList([router]), backend, table,
                                   RoutingCounts(config.num_hidden_layers, config.num_experts),
-                                  RoutingCapture(16, config.num_hidden_layers, config.num_experts, 2))
-    return vllm_model.UniPoolMoE(0, parts, shared_expert=None), table, config
+                                  RoutingCapture(16, config.num_hidden_layers, config.num_experts, 2, capture_on))
+    return vllm_model.UniPoolMoE(0, parts, shared_expert=None), table, parts.routing_capture
 
 
-def test_an_idle_step_of_our_moe_block_runs_the_ops_of_an_engine_without_steering(monkeypatch):
+def test_an_idle_step_of_our_moe_block_runs_the_ops_of_an_engine_without_steering_or_capture(monkeypatch):
     hidden = torch.randn(T, tiny_config().hidden_size)
-    moe, table, _ = _moe(monkeypatch, steering_on=True)
+    moe, table, capture = _moe(monkeypatch, steering_on=True)
     steered = _ops(moe, hidden)
-    with table.unread():  # what the unsteered variant is traced (and run) with
+    with plain_step(table, capture):  # what the plain variant is traced (and run) with
         idle = _ops(moe, hidden)
-    off_moe, _, _ = _moe(monkeypatch, steering_on=False)  # UNIPOOL_STEERING=0
+    off_moe, _, _ = _moe(monkeypatch, steering_on=False, capture_on=False)  # both seams built off
     assert idle == _ops(off_moe, hidden)
-    assert len(steered) > len(idle)  # the tables' reads are really gone, not just renamed
+    assert len(steered) > len(idle)  # the tables' reads and the capture's copies are really gone
     assert any("index" in op for op in steered) and not any("std" in op or "var" in op for op in idle)
+    assert sum("copy" in op for op in steered) >= 2 + sum("copy" in op for op in idle)  # ids and logits
 
 
 class _Gate(nn.Module):
@@ -71,25 +75,33 @@ class _Router:
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["logit-order kinds", "grouped kinds"])
-def test_an_idle_step_of_a_family_layer_runs_the_ops_of_an_engine_without_steering(grouped):
+def test_an_idle_step_of_a_family_layer_runs_plain_vllms_ops_and_the_counts(grouped):
     from unipool_serve.model_executor.steering.family_hooks import GateHook, RouterTap
 
-    def layer(enabled: bool, reading: bool):
-        table = SteeringTable(16, 2, 8, 2, top_k=2, enabled=enabled)
+    def layer(hooked: bool, plain: bool):
+        table, capture = SteeringTable(16, 2, 8, 2, top_k=2), RoutingCapture(16, 1, 8, 2, layers=(1,))
         gate, router = _Gate(), _Router()
-        gate.register_forward_hook(GateHook(table, layer=1))
         if grouped:
             router.num_expert_group, router.topk_group, router.scoring_func = 2, 1, "sigmoid"
             router.routed_scaling_factor, router.e_score_correction_bias = 1.0, None
-        RouterTap(router, table, RoutingCounts(2, 8), layer=1, grouped=grouped)
+        if hooked:
+            gate.register_forward_hook(GateHook(table, layer=1, capture=capture, row=0))
+            RouterTap(router, table, RoutingCounts(2, 8), layer=1, grouped=grouped, capture=capture, row=0)
 
         def step(x):
-            with contextlib.nullcontext() if reading else table.unread():
+            with plain_step(table, capture) if plain else contextlib.nullcontext():
                 logits = gate(x)
                 return router.select_experts(x, logits)
         return step
 
+    plain_vllm, counts = layer(hooked=False, plain=False), RoutingCounts(2, 8)
+
+    def counts_only(x):  # plain vLLM's layer, then the router tap's one addition: the routing counts
+        weights, ids = plain_vllm(x)
+        counts.record(1, ids)
+        return weights, ids
+
     x = torch.randn(T, 4)
-    idle, off = _ops(layer(True, reading=False), x), _ops(layer(False, reading=True), x)
-    assert idle == off
-    assert len(_ops(layer(True, reading=True), x)) > len(idle)
+    idle = _ops(layer(hooked=True, plain=True), x)
+    assert idle == _ops(counts_only, x)
+    assert len(_ops(layer(hooked=True, plain=False), x)) > len(idle)

@@ -106,11 +106,11 @@ def test_a_step_reads_the_tables_only_when_a_token_has_a_row_or_a_budget():
     table = SteeringTable(max_tokens=8, num_layers=2, num_experts=4, max_profiles=2, top_k=2)
     table.fill_index(5, np.array([0, 2], dtype=np.int32))
     assert table.step_reads and table.view(5) is not None
-    table.fill_index(5, None, None)  # nobody steered, no budget: the unsteered variant runs
+    table.fill_index(5, None, None)  # nobody steered, no budget: the plain variant runs
     assert not table.step_reads
     table.fill_index(3, None, np.array([1, 2, 2], dtype=np.int32))  # a budget alone reads them too
     assert table.step_reads
-    with table.unread():  # the unsteered variant runs (or is traced): routers read nothing
+    with table.unread():  # the plain variant runs (or is traced): routers read nothing
         assert table.view(3) is None
     assert table.view(3) is not None
     off = SteeringTable(8, 2, 4, 2, top_k=2, enabled=False)  # UNIPOOL_STEERING=0: never

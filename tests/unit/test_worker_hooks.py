@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from unipool_serve.model_executor.routing_capture import CapturedRequests, RoutingCapture
 from unipool_serve.model_executor.steering import contract
 from unipool_serve.model_executor.steering.table import SteeringTable
 from unipool_serve.model_executor.steering.request_rows import RequestRows
@@ -46,6 +47,28 @@ def test_v1_hook_fills_the_index_from_each_requests_signed_row():
     runner._model_forward(input_ids=torch.zeros(8, dtype=torch.long))
     assert forwarded == [8]
     assert rows.table.index[:8].tolist() == [2, 2, 2, 0, 0, 0, 0, 0]  # forged row ignored, padding zeroed
+
+
+def test_v1_hook_has_the_layers_record_routing_only_in_steps_holding_a_capturing_request():
+    capture = RoutingCapture(max_tokens=16, num_layers=1, num_experts=4, top_k=2)
+    rows = RequestRows(_rows().table, CapturedRequests(capture, 4))
+    rows.secret = SECRET
+    capturing = SimpleNamespace(extra_args=contract.steering_args(SECRET, None, 0, "", None, contract.CAPTURE_EXPERTS))
+    runner = SimpleNamespace(
+        _model_forward=lambda **kw: None, requests={"a": SimpleNamespace(sampling_params=_params()),
+                                                    "cap": SimpleNamespace(sampling_params=capturing)},
+        input_batch=SimpleNamespace(req_ids=["a"], num_reqs=1), query_start_loc=SimpleNamespace(np=np.array([0, 1])))
+    V1StepHook(runner, rows, capture)
+    runner._model_forward(input_ids=torch.zeros(1, dtype=torch.long))
+    assert not capture.step_records and not rows.table.step_reads  # the plain variant: no copy, no read
+    runner.input_batch = SimpleNamespace(req_ids=["a", "cap"], num_reqs=2)
+    runner.query_start_loc = SimpleNamespace(np=np.array([0, 1, 2]))
+    runner._model_forward(input_ids=torch.zeros(2, dtype=torch.long))
+    assert capture.step_records  # the model runs: its layers copy the routing out
+    runner.input_batch = SimpleNamespace(req_ids=["a"], num_reqs=1)
+    runner.query_start_loc = SimpleNamespace(np=np.array([0, 1]))
+    runner._model_forward(input_ids=torch.zeros(1, dtype=torch.long))
+    assert not capture.step_records
 
 
 def test_v2_hook_keeps_rows_by_request_index():
