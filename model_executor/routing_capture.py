@@ -3,7 +3,7 @@
 Device side, `RoutingCapture`: in a step where some request wants its routing (captured or
 probed: `step_records`, set by the worker before the step), each MoE layer copies its routing
 decision (`topk_ids` after steering and budgets; dropped slots hold id E) and its raw router
-logits (fp16, before steering) into persistent buffers, [R, max_tokens, k] and [R, max_tokens, E]:
+logits (fp16, before steering) into persistent buffers, [max_tokens, k] and [max_tokens, E] per row:
 one small copy per layer. Other steps run the model's plain variant, which records nothing
 (steering/idle_steps.py; what the copies cost: docs/benchmarks.md). Row r holds
 decoder layer `layers[r]`: every layer of a UniPool model, the MoE layers of one of vLLM's
@@ -32,8 +32,23 @@ from torch import nn
 from .steering.contract import CAPTURE_EXPERTS, CAPTURE_LOGITS
 
 
+class _Row(nn.Module):
+    """One layer's capture buffers."""
+
+    def __init__(self, max_tokens: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.register_buffer("ids", torch.zeros(max_tokens, top_k, dtype=torch.int32), persistent=False)
+        self.register_buffer("logits", torch.zeros(max_tokens, num_experts, dtype=torch.float16), persistent=False)
+
+
 class RoutingCapture(nn.Module):
-    """Persistent per-layer buffers of the step's routing (see the module doc)."""
+    """Persistent per-layer buffers of the step's routing (see the module doc).
+
+    One pair of buffers per row, not one [R, max_tokens, ...] tensor: a compiled step writes a row's
+    first T tokens in place only when the row is a tensor of its own. Into a slice of a shared tensor,
+    Inductor rewrote the whole tensor (R x max_tokens x E values, every layer's write fused into full
+    passes) in every step that records (tests/unit/test_routing_capture.py checks the generated code).
+    """
 
     def __init__(self, max_tokens: int, num_layers: int, num_experts: int, top_k: int, enabled: bool = True,
                  layers: tuple[int, ...] | None = None):
@@ -42,9 +57,9 @@ class RoutingCapture(nn.Module):
         self.step_records = False  # does a request of this step want its routing? (set by the worker per step)
         self.recording = True  # off while the plain variant of the model runs or is traced (idle_steps.py)
         self.layers = tuple(range(num_layers)) if layers is None else tuple(layers)  # row -> decoder layer
-        shape = (len(self.layers), max_tokens if enabled else 0)
-        self.register_buffer("ids", torch.zeros(*shape, top_k, dtype=torch.int32), persistent=False)
-        self.register_buffer("logits", torch.zeros(*shape, num_experts, dtype=torch.float16), persistent=False)
+        self.num_experts, self.top_k = num_experts, top_k
+        tokens = max_tokens if enabled else 0
+        self.rows = nn.ModuleList(_Row(tokens, num_experts, top_k) for _ in self.layers)
 
     def record(self, row: int, topk_ids: torch.Tensor, logits: torch.Tensor) -> None:
         """Keep one layer's decision of this step (topk_ids [T, k], logits [T, E])."""
@@ -53,11 +68,19 @@ class RoutingCapture(nn.Module):
 
     def record_ids(self, row: int, topk_ids: torch.Tensor) -> None:
         if self.enabled and self.recording:
-            self.ids[row, :topk_ids.shape[0]].copy_(topk_ids)
+            self.rows[row].ids[:topk_ids.shape[0]].copy_(topk_ids)
 
     def record_logits(self, row: int, logits: torch.Tensor) -> None:
         if self.enabled and self.recording:
-            self.logits[row, :logits.shape[0]].copy_(logits)
+            self.rows[row].logits[:logits.shape[0]].copy_(logits)
+
+    def step_ids(self, num_tokens: int) -> torch.Tensor:
+        """The step's first num_tokens ids of every row, [R, T, k], copied (the next step overwrites them)."""
+        return torch.stack([row.ids[:num_tokens] for row in self.rows]).cpu()
+
+    def step_logits(self, num_tokens: int) -> torch.Tensor:
+        """The step's first num_tokens raw logits of every row, [R, T, E] fp16, copied."""
+        return torch.stack([row.logits[:num_tokens] for row in self.rows]).cpu()
 
     @contextlib.contextmanager
     def unrecorded(self):
@@ -90,14 +113,13 @@ class CapturedRequests:
 
     def collect(self, spans: list[tuple[str, int, int]], positions: torch.Tensor) -> None:
         """Copy out this step's rows: spans are (request id, first token, end token) in the step."""
-        # copies: on CPU `.cpu()` returns the buffer itself, and the next step overwrites it
-        ids = self.capture.ids[:, : positions.shape[0]].to("cpu", copy=True).numpy()  # [L, T, k]
+        ids = self.capture.step_ids(positions.shape[0]).numpy()  # [R, T, k]
         logits = None
         steps = positions.cpu().numpy()
         for request_id, start, end in spans:
             entry = self._rows[request_id]
             if entry["flags"] & CAPTURE_LOGITS and logits is None:
-                logits = self.capture.logits[:, : positions.shape[0]].to("cpu", copy=True).numpy()  # [L, T, E]
+                logits = self.capture.step_logits(positions.shape[0]).numpy()  # [R, T, E]
             for offset, position in enumerate(steps[start:end], start=start):
                 entry["experts"][int(position)] = ids[:, offset]
                 if entry["flags"] & CAPTURE_LOGITS:
@@ -113,11 +135,11 @@ class CapturedRequests:
             positions = sorted(p for p in entry["experts"] if p >= entry["start"])
             dtype = np.uint8 if self.num_experts < 256 else np.uint16  # id E (a dropped slot) must fit too
             experts = np.stack([entry["experts"][p] for p in positions]).astype(dtype) if positions else \
-                np.zeros((0, *self.capture.ids.shape[::2]), dtype=dtype)
+                np.zeros((0, len(self.capture.layers), self.capture.top_k), dtype=dtype)
             logits = None
             if entry["flags"] & CAPTURE_LOGITS:
                 logits = _npy(np.stack([entry["logits"][p] for p in positions]).astype(np.float16)) if positions \
-                    else _npy(np.zeros((0, self.capture.logits.shape[0], self.capture.logits.shape[2]), np.float16))
+                    else _npy(np.zeros((0, len(self.capture.layers), self.num_experts), np.float16))
             taken[request_id] = (_npy(experts) if entry["flags"] & CAPTURE_EXPERTS else None, logits)
         return taken
 

@@ -159,7 +159,7 @@ class ProbedRequests:
 def collect_probed(probed: ProbedRequests, spans: list[tuple[str, int, int]], positions) -> None:
     """One host copy of the step's raw logits of the probed tokens, then each request's distributions."""
     steps = positions.cpu().numpy()
-    logits = probed.capture.logits  # [R, max_tokens, E] fp16, filled by this step's forward
+    logits = probed.capture.step_logits(positions.shape[0])  # [R, T, E] fp16, filled by this step's forward
     for request_id, start, end in spans:
         distributions = torch.softmax(logits[:, start:end].to("cpu", torch.float64), dim=-1)  # [R, n, E]
         probed.collect(request_id, steps[start:end], distributions.transpose(0, 1).numpy())

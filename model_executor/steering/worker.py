@@ -82,6 +82,11 @@ class V1StepHook:
                 self.rows.admit(req_id, request.sampling_params, len(getattr(request, "prompt_token_ids", None) or ()))
         if len(self.rows) > 2 * len(req_ids) + 64:  # forget requests that have left the engine
             self.rows.prune(self.runner.requests)
+        if self.rows.plain(req_ids):  # the common step: nobody steered, captured or probed
+            self.rows.table.fill_index(num_tokens, None)
+            if self.capture is not None:
+                self.capture.step_records = False
+            return
         gated = positions is not None and any(self.rows.gate_from(r) is not None for r in req_ids)
         token_positions = positions[:num_tokens].cpu().numpy() if gated else None
         self.rows.table.fill_index(num_tokens, *self.rows.per_token(req_ids, self.runner.query_start_loc.np,
@@ -92,7 +97,7 @@ class V1StepHook:
     def collect(self, positions) -> None:
         """After the forward: the capturing and probed requests' routing of this step, by token position."""
         captured, probed = self.rows.captured, self.rows.probed
-        if positions is None or (captured is None and probed is None):
+        if positions is None or self.capture is None or not self.capture.step_records:
             return
         batch, starts = self.runner.input_batch, self.runner.query_start_loc.np
         req_ids = batch.req_ids[: batch.num_reqs]
@@ -145,8 +150,8 @@ class SteeringWorker(_PlatformWorker):
             attach(model, self.vllm_config)
         capture = getattr(model, "routing_capture", None)
         captures = capture is not None and capture.enabled
-        captured = CapturedRequests(capture, capture.logits.shape[-1]) if captures else None
-        self._probe_rows = ProbeRows(len(capture.layers), capture.logits.shape[-1],
+        captured = CapturedRequests(capture, capture.num_experts) if captures else None
+        self._probe_rows = ProbeRows(len(capture.layers), capture.num_experts,
                                      setting("UNIPOOL_MAX_PROBES")) if captures else None
         probed = ProbedRequests(self._probe_rows, capture) if captures else None
         self._steering_rows = RequestRows(model.steering, captured, probed)

@@ -219,9 +219,9 @@ def test_hooks_capture_raw_logits_and_the_routing_used_and_budgets_keep_the_heav
     RouterTap(router, table, counts, layer=1, grouped=False, capture=capture, row=0)
     steered, _ = gate(None)
     weights, ids = router.select_experts(None, steered)
-    assert torch.equal(capture.logits[0, :T], logits.half())  # raw: before steering
+    assert torch.equal(capture.step_logits(T)[0], logits.half())  # raw: before steering
     best_two = torch.softmax(steered, -1).topk(2, dim=-1).indices.sort(-1).values
-    kept = capture.ids[0, :T]
+    kept = capture.step_ids(T)[0]
     assert ((kept == E).sum(-1) == 2).all()  # two slots dropped per token, recorded as E
     assert torch.equal(kept[kept != E].view(T, 2).sort(-1).values, best_two.to(torch.int32))  # the heaviest two
     assert ((weights > 0).sum(-1) == 2).all() and torch.allclose(weights.sum(-1), torch.ones(T))

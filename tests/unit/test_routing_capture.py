@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import torch
@@ -45,3 +46,38 @@ def test_rows_survive_later_steps_and_stay_with_their_request():
     experts_b, logits_b = _load(taken["b"][0]), taken["b"][1]
     assert np.array_equal(experts_b[:, 0], [[4, 5], [5, 6], [7, 0]]) and logits_b is None
     assert requests.take(["a"]) == {}  # taken once, then forgotten
+
+
+MAX_TOKENS = 4099  # a size no other dimension here has, to find it in the generated code
+
+
+def _full_buffer_loops(record, num_rows: int) -> int:
+    """How many loops of the compiled (Inductor, CPU) code of a step that records `num_rows` layers run over
+    all MAX_TOKENS tokens of a buffer: a write into the step's first T tokens needs none."""
+    from torch._inductor.utils import run_and_get_code
+
+    def step(x):
+        for row in range(num_rows):
+            x = x * 2
+            record(row, x.to(torch.int32)[:, :TOP_K], x.half())
+        return x
+
+    compiled = torch.compile(step, dynamic=True, fullgraph=True)
+    torch._dynamo.mark_dynamic(x := torch.ones(5, EXPERTS), 0)
+    _, code = run_and_get_code(compiled, x)
+    return sum(len(re.findall(rf"<static_cast<int64_t>\({MAX_TOKENS}L\)", c)) for c in code)
+
+
+def test_a_compiled_step_writes_only_its_own_tokens_into_the_capture_buffers():
+    torch._dynamo.reset()
+    capture = RoutingCapture(MAX_TOKENS, LAYERS, EXPERTS, TOP_K)
+    assert _full_buffer_loops(capture.record, LAYERS) == 0
+    # the layout this replaced, one [R, max_tokens, E] buffer: its slice writes became passes over all of it
+    shared = torch.nn.Module()
+    shared.register_buffer("logits", torch.zeros(LAYERS, MAX_TOKENS, EXPERTS, dtype=torch.float16))
+
+    def record_shared(row, ids, logits):
+        shared.logits[row, :logits.shape[0]].copy_(logits)
+
+    torch._dynamo.reset()
+    assert _full_buffer_loops(record_shared, LAYERS) > 0
