@@ -16,6 +16,10 @@ total CPU microseconds per generated token. The timed figure is one generate in 
 compare op lists and calls, not the times, across variants (bench_plugin_vs_mixtral.py is
 the timing).
 
+Variants: mixtral (vLLM's own, holding the vanilla layout's weights), unipool-vanilla, unipool-global,
+and on request mixtral-worker (vLLM's Mixtral with the steering worker, nobody steered: what the idle
+worker adds to plain vLLM; that is how the capture copies of every step were found).
+
 Usage:  .venv/bin/python benchmarks/profile_compiled_step.py --shape tiny --out docs/results/compiled-step-profile-tiny.json
 Prints the top ops of each variant and writes JSON.
 """
