@@ -70,7 +70,8 @@ class PlainVariant(nn.Module):
 class IdleSteps:
     """Runs each step on the model (`run_model`, the inner module's own call) or on its plain variant."""
 
-    # benchmarks: every step on the model even when nobody steers, as it ran before the plain variant existed
+    # every step on the model even when nobody steers: the worker's warm-up (to compile it) and benchmarks (as
+    # the model ran before the plain variant existed)
     always_read: bool = False
 
     def __init__(self, inner: nn.Module, table: SteeringTable, capture: RoutingCapture | None, vllm_config,

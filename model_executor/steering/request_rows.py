@@ -32,7 +32,6 @@ class RequestRows:
         self.table, self.captured, self.probed = table, captured, probed
         self.secret: bytes | None = None
         self._rows: dict[Hashable, contract.Steering | None] = {}
-        self._marked: set[Hashable] = set()  # requests with verified fields: a row, a budget, capture or probes
         self._warned: set[Hashable] = set()
 
     def _warn(self, key: Hashable, message: str, *args) -> None:
@@ -49,8 +48,6 @@ class RequestRows:
             self._rows[key] = None
             self._warn(key, "%s", exc)
         verified = self._rows[key]
-        if verified is not None:
-            self._marked.add(key)
         if verified is not None and verified.capture and self.captured is not None:
             self.captured.admit(key, verified.capture, getattr(sampling_params, "routed_experts_prompt_start", 0))
         if verified is not None and self.probed is not None:
@@ -61,13 +58,12 @@ class RequestRows:
 
     def forget(self, key: Hashable) -> None:
         self._rows.pop(key, None)
-        self._marked.discard(key)
         self._warned.discard(key)
 
     def plain(self, keys) -> bool:
         """Do these requests all run plainly (no row, budget, capture or probe)? A step of such requests
         needs no per-request work: its hook writes nothing and the model's plain variant runs."""
-        return self._marked.isdisjoint(keys)
+        return all(self._rows.get(k) is None for k in keys)
 
     def known(self, key: Hashable) -> bool:
         return key in self._rows
@@ -98,8 +94,6 @@ class RequestRows:
 
     def records(self, keys) -> bool:
         """Does any of these requests want this step's routing (captured, or scored by a probe)?"""
-        if self.captured is None and self.probed is None:
-            return False
         return any((self.captured is not None and self.captured.wants(k)) or
                    (self.probed is not None and self.probed.wants(k)) for k in keys)
 

@@ -172,7 +172,7 @@ class SteeringWorker(_PlatformWorker):
         that a model with a plain variant (steering/idle_steps.py) has both compiled
         (and, where vLLM captures CUDA graphs, captured) before it serves; otherwise the first steered
         request would wait for a compilation."""
-        runner, table = self.model_runner, self._table()
+        runner = self.model_runner
         idle_steps = getattr(runner.get_model(), "idle_steps", None)
         if idle_steps is None or idle_steps.variant is None:
             yield
@@ -180,11 +180,11 @@ class SteeringWorker(_PlatformWorker):
         dummy_run = runner._dummy_run
 
         def both_variants(*args, **kwargs):
-            table.step_reads = True
+            idle_steps.always_read = True  # the model itself, with every seam (also where only capture is built)
             try:
                 dummy_run(*args, **kwargs)
             finally:
-                table.step_reads = False
+                idle_steps.always_read = False
             return dummy_run(*args, **kwargs)
 
         runner._dummy_run = both_variants  # instance attribute over the class's method
