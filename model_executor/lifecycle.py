@@ -26,6 +26,15 @@ process was about to drain them. Installed by the plugin's `register()` in every
                next SIGTERM" protocol lost that race). Without it the server hung on a failed
                start (a SIGTERM to `vllm serve` too) instead of exiting with the error.
 
+In both children the release is acted on by a thread of ours, not by a Python signal handler:
+a handler runs on the main thread only, once the kernel has interrupted that thread, and an idle
+child's main thread waits in a blocking call (the engine core in `input_queue.get()`, a worker
+in the zmq poll of its message queue). A process-directed signal goes to any thread that can
+take it; when it went to another one (the main thread already had the SIGTERM pending), the
+main thread slept on and the release waited for a message that never came: a failed start
+then hung after all, now and then, on a busy machine. The thread sees the signal through the
+wakeup fd, which is written by whichever thread takes it.
+
 Both child kinds also end quietly: after vLLM's own shutdown has run, the process unlinks the
 shared-memory rings it created (vLLM unlinks them only when they are garbage-collected, and a
 process ending in a signal handler may not collect them: the resource tracker then warns of a
@@ -132,53 +141,50 @@ def _ignore_while_parent_lives(kind: str, parent) -> None:
     for signum in GUARDED:
         signal.signal(signum, guard)
     if kind == "engine":
-        _release_from_a_thread(parent, released, lambda: to_vllm(signal.SIGTERM))
+        # vLLM's engine-core handler only flags the shutdown and wakes the busy loop through a
+        # queue, both safe from any thread; if the API process dies, the engine core stops too
+        _act_on_release("engine core", parent, released, lambda: to_vllm(signal.SIGTERM), orphaned_too=True)
         _release_children_before_exiting()
-    else:  # the engine core is exiting (see the module doc): stop now
-        def release(signum, frame):
-            released.set()
-            to_vllm(signal.SIGTERM, frame)
+    else:
+        # vLLM's worker handler raises SystemExit, which must happen on the main thread: a
+        # SIGTERM directed at that thread interrupts its wait, and `guard` hands it to vLLM.
+        # The engine core's death is vLLM's own business here (its death pipe).
+        main = threading.main_thread().ident
+        _act_on_release("worker", parent, released, lambda: signal.pthread_kill(main, signal.SIGTERM),
+                        orphaned_too=False)
 
-        signal.signal(RELEASE_SIGNAL, release)
 
-
-def _release_from_a_thread(parent, released: threading.Event, stop_engine) -> None:
-    """Act on RELEASE_SIGNAL and on the API process's death from a thread of our own.
-
-    A Python signal handler runs on the main thread only, and only once the kernel has handed the
-    signal to that thread: an idle engine core waits in `input_queue.get()` on its main thread,
-    and a signal the kernel handed to one of its other threads would wait there until the next
-    request. The wakeup fd is written by whichever thread takes the signal, so this thread sees
-    it at once, and calls vLLM's handler (which only flags the shutdown and wakes the busy loop
-    through a queue, both safe from any thread).
-    """
+def _act_on_release(name: str, parent, released: threading.Event, stop, orphaned_too: bool) -> None:
+    """Call `stop` from a thread of our own on RELEASE_SIGNAL (see the module doc for why a
+    thread) and, if `orphaned_too`, on the parent's death, exiting if `stop` has not ended the
+    process ORPHAN_GRACE_S later."""
     signal.signal(RELEASE_SIGNAL, lambda signum, frame: None)  # caught (not fatal); acted on below
     wakeup_read, wakeup_write = os.pipe()
     os.set_blocking(wakeup_write, False)
     signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
 
-    def stop(reason: str) -> None:
+    def release(reason: str) -> None:
         if not released.is_set():
             released.set()
-            logger.info("engine core: %s", reason)
-            stop_engine()
+            logger.info("%s: %s", name, reason)
+            stop()
 
     def watch():
         while True:
             ready = multiprocessing.connection.wait([parent.sentinel, wakeup_read])
             if wakeup_read in ready and RELEASE_SIGNAL in os.read(wakeup_read, 512):
-                stop("stopped by the API process")
+                release("released by its parent process")
             if parent.sentinel in ready:
                 break
-        if released.is_set():
+        if released.is_set() or not orphaned_too:
             return
-        logger.warning("the API process is gone: stopping the engine core")
-        stop("its API process is gone")
+        logger.warning("the API process is gone: stopping the %s", name)
+        release("its API process is gone")
         threading.Event().wait(ORPHAN_GRACE_S)
-        logger.error("the engine core did not stop %.0f s after its API process died: exiting", ORPHAN_GRACE_S)
+        logger.error("the %s did not stop %.0f s after its API process died: exiting", name, ORPHAN_GRACE_S)
         os._exit(1)
 
-    threading.Thread(target=watch, name="unipool-engine-lifecycle", daemon=True).start()
+    threading.Thread(target=watch, name="unipool-lifecycle", daemon=True).start()
 
 
 def _release_children_before_exiting() -> None:

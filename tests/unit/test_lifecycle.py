@@ -1,5 +1,5 @@
 """vLLM's child processes leave their shutdown to the API process (model_executor/lifecycle.py),
-checked in a spawned process that vLLM would name "EngineCore", without an engine."""
+checked in spawned processes that vLLM would name "EngineCore" and "VllmWorker-0", without an engine."""
 
 from __future__ import annotations
 
@@ -48,6 +48,50 @@ def test_an_engine_core_ignores_group_signals_and_stops_when_the_api_process_rel
         assert ours.recv()[:1] == ["SIGTERM"]  # vLLM's handler ran: the engine core stops
         child.join(120)
         assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()
+
+
+def _idle_worker(conn) -> None:
+    import zmq
+
+    def vllm_handler(signum, frame):  # stands for vLLM's worker handler: SystemExit on the main thread
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, vllm_handler)
+    signal.signal(signal.SIGINT, vllm_handler)
+    from unipool_serve.model_executor import lifecycle
+
+    lifecycle.install()
+    # The kernel may hand a process-directed signal to any thread that can take it; here the main
+    # thread cannot take the release, so it goes to another one, as it can on a busy machine
+    signal.pthread_sigmask(signal.SIG_BLOCK, {lifecycle.RELEASE_SIGNAL})
+    context = zmq.Context()
+    idle = context.socket(zmq.SUB)  # an idle worker's main thread: a zmq poll without a timeout
+    idle.connect("inproc://nobody-writes-here")
+    poller = zmq.Poller()
+    poller.register(idle, zmq.POLLIN)
+    conn.send(lifecycle.process_kind())
+    poller.poll()
+    conn.send("the poll returned without a stop")
+
+
+@pytest.mark.timeout(300)
+def test_an_idle_worker_stops_when_released_whichever_thread_takes_the_signal():
+    """The engine core's exit (a failed start) releases its workers, then SIGTERMs them. The idle
+    worker's main thread sleeps in a poll that only a signal directed at it interrupts."""
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    child = context.Process(target=_idle_worker, args=(theirs,), name="VllmWorker-0")
+    child.start()
+    try:
+        assert ours.recv() == "worker"
+        os.kill(child.pid, signal.SIGUSR1)  # the engine core's release, then multiprocessing's terminate()
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(120)  # a bound for the hang: it stops at once
+        assert child.exitcode == 0, child.exitcode
+        assert not ours.poll()
     finally:
         if child.is_alive():
             child.kill()
