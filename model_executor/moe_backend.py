@@ -19,8 +19,9 @@ map sending E to -1 (its "not on this rank" id); `cpu_fused_moe` has no such id,
 with dropped slots runs only the kept (token, slot) pairs, one row each with top-k 1, and
 adds the rows back per token (`unipool::cpu_pool_moe`, an opaque custom op: its shapes
 depend on the routing). Whether a step has dropped slots is looked at only where one can
-have them (`may_drop`: the routers read the steering tables, which hold the budgets), so a
-step nobody steers reads nothing back per layer.
+have them (`may_drop`: a step that holds an expert budget, which runs a compiled variant of
+its own, steering/idle_steps.py), so a step without a budget, steered or not, reads nothing
+back per layer.
 """
 
 from __future__ import annotations

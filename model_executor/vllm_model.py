@@ -151,8 +151,9 @@ class UniPoolMoE(nn.Module):
         topk_ids, topk_weights = self.router.route(logits, self.layer_idx, steering)  # [T, k]
         self.routing_counts.record(self.layer_idx, topk_ids)
         self.routing_capture.record(self.layer_idx, topk_ids, logits)
-        # [T, H], this rank's F slice; slots are dropped (id E) only by budgets, which only the tables hold
-        out = self.backend(hidden_states, self.pool, topk_ids, topk_weights, may_drop=steering is not None)
+        # [T, H], this rank's F slice; slots are dropped (id E) only by budgets, in a step that holds one
+        may_drop = steering is not None and steering.budget is not None
+        out = self.backend(hidden_states, self.pool, topk_ids, topk_weights, may_drop=may_drop)
         if self.shared_expert is not None:
             out = out + self.shared_expert(hidden_states)
         if self.tp_size > 1:

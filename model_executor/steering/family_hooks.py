@@ -96,16 +96,15 @@ class RouterTap:
 
     def after(self, logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
         view = self.table.view(logits.shape[0])
-        if view is not None:
+        if view is not None and self.rule is not None:
             rows = view.index.long()  # [T]
-            if self.rule is not None:
-                w, i = grouped_select(logits, view.mask[rows, self.layer], **self.rule)
-                steered = (rows != 0)[:, None]
-                weights = torch.where(steered, w.to(weights.dtype), weights)
-                ids = torch.where(steered, i.to(ids.dtype), ids)
+            w, i = grouped_select(logits, view.mask[rows, self.layer], **self.rule)
+            steered = (rows != 0)[:, None]
+            weights = torch.where(steered, w.to(weights.dtype), weights)
+            ids = torch.where(steered, i.to(ids.dtype), ids)
+        counted = ids
+        if view is not None and view.budget is not None:  # a step that holds a budget
             weights, counted = self.budget(view.budget, weights, ids)
-        else:
-            counted = ids
         self.counts.record(self.layer, counted)
         if self.capture is not None:
             self.capture.record_ids(self.row, counted)  # the routing used: steered, budgeted (dropped = E)

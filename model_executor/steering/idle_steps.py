@@ -1,25 +1,30 @@
-"""Steps that need no seam run a second compiled variant of the model: no table read, no capture copy.
+"""Steps run one of up to three compiled variants of a model, chosen per step: no seam costs a step that does not use it.
 
-A model compiled once runs its seams in every step: the routers read the steering tables,
-the layers copy their routing into the capture buffers. A branch on the step's rows would be
-frozen into the graph. So its layers are compiled twice, side by side, with nothing owned twice:
+A model compiled once runs its seams in every step: the routers read the steering tables
+and budgets, the layers copy their routing into the capture buffers. A branch on the step's
+rows would be frozen into the graph. So its layers are compiled up to three times, side by
+side, with nothing owned twice:
 
   the model itself   its routers read the step's rows and its layers record the routing: a step
-                     with a steered token, a budget, or a request whose routing is captured or
-                     probed
-  PlainVariant       neither: op for op what an engine built with UNIPOOL_STEERING=0 and
+                     with a steered token, or a request whose routing is captured or probed
+  budgeted variant   the same, and its routers apply the step's expert budgets, so its layers
+                     can drop slots and look for dropped ones (on CPU an opaque custom op with a
+                     host read per layer: model_executor/moe_backend.py): a step that holds a budget
+  plain variant      neither seam: op for op what an engine built with UNIPOOL_STEERING=0 and
                      UNIPOOL_ROUTING_CAPTURE=0 runs (the routing counts stay: they count every step)
 
-`IdleSteps` chooses per step, in plain Python outside both graphs, from the flags the worker
-hook sets with the step's index (`SteeringTable.step_reads`, `RoutingCapture.step_records`).
-The variant runs inside `plain_step`, the table's `reading` and the capture's `recording`
-off: while it is traced (vLLM drops dynamo's guards, so the flags are read then and never
-again) its graph gets neither seam, and in eager mode the flags do the same at run time. The
-worker's warm-up runs each dummy step both ways, so both variants are compiled (and, where
-vLLM captures CUDA graphs, captured) before the engine serves (steering/worker.py). Our own
-model dispatches through it (vllm_model.py); for vLLM's families the hooks read the same flags
-and their model's inner module dispatches through it (steering/family_hooks.py).
-`always_read`, a benchmark switch (benchmarks/bench_idle_seam.py): every step on the model, as before.
+`IdleSteps` chooses per step, in plain Python outside the graphs, from the flags the worker
+hook sets with the step's index (`SteeringTable.step_reads` and `step_budgets`,
+`RoutingCapture.step_records`). The flags are read while a variant is traced (vLLM drops
+dynamo's guards, so they are read then and never again): the plain variant runs inside
+`plain_step` (the table's `reading` and the capture's `recording` off), the budgeted variant
+only in steps that hold a budget, the model itself in the others; in eager mode the flags do
+the same at run time. The worker's warm-up runs each dummy step every way (`warm_up`), so
+every variant is compiled (and, where vLLM captures CUDA graphs, captured) before the engine
+serves (steering/worker.py). Our own model dispatches through it (vllm_model.py); for vLLM's
+families the hooks read the same flags and their model's inner module dispatches through it
+(steering/family_hooks.py). `always_read`, a benchmark switch (benchmarks/bench_idle_seam.py):
+every step without a budget on the model, as before the plain variant existed.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from vllm.sequence import IntermediateTensors
 from ..routing_capture import RoutingCapture
 from .table import SteeringTable
 
-VARIANT_TAG = "unipool_plain"  # its own name in vLLM's compile logs and caches
+VARIANT_TAGS = {"plain": "unipool_plain", "budgeted": "unipool_budgeted"}  # their names in vLLM's compile logs and caches
 
 
 @contextlib.contextmanager
@@ -50,7 +55,7 @@ def plain_step(table: SteeringTable, capture: RoutingCapture | None):
 # the token dimension of each input (positions: the last one, as in vLLM's M-RoPE models)
 @support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0,
                                          "inputs_embeds": 0})
-class PlainVariant(nn.Module):
+class CompiledAgain(nn.Module):
     """A model's inner module (the layers), compiled again; it owns nothing (`inner` is a plain reference)."""
 
     def __init__(self, *, vllm_config, prefix: str = "", inner: nn.Module | None = None):
@@ -68,32 +73,54 @@ class PlainVariant(nn.Module):
 
 
 class IdleSteps:
-    """Runs each step on the model (`run_model`, the inner module's own call) or on its plain variant."""
+    """Runs each step on the model (`run_model`, the inner module's own call) or one of its variants."""
 
-    # every step on the model even when nobody steers: the worker's warm-up (to compile it) and benchmarks (as
-    # the model ran before the plain variant existed)
+    # every step without a budget on the model even when nobody steers: benchmarks (as the model ran before
+    # the plain variant existed) and the worker's warm-up
     always_read: bool = False
 
     def __init__(self, inner: nn.Module, table: SteeringTable, capture: RoutingCapture | None, vllm_config,
                  run_model: Callable | None = None):
         self.table, self.capture = table, capture
         self.run_model = run_model or inner.__call__
-        self.variant: PlainVariant | None = None
-        self.steps = {"read": 0, "unread": 0}  # steps run each way (warm-up included): tests, debugging
-        if table.enabled or (capture is not None and capture.enabled):  # with both seams built off: one graph
-            with set_current_vllm_config(vllm_config), set_model_tag(VARIANT_TAG):
-                self.variant = PlainVariant(vllm_config=vllm_config, inner=inner)
+        self.steps = {"read": 0, "budgeted": 0, "unread": 0}  # steps run each way (warm-up included): tests
+
+        def compiled_again(name: str) -> CompiledAgain:
+            with set_current_vllm_config(vllm_config), set_model_tag(VARIANT_TAGS[name]):
+                return CompiledAgain(vllm_config=vllm_config, inner=inner)
+
+        # with both seams built off: one graph; budgets only where the tables are built
+        seams = table.enabled or (capture is not None and capture.enabled)
+        self.variant = compiled_again("plain") if seams else None
+        self.budgeted = compiled_again("budgeted") if table.enabled else None
 
     def __call__(self, *args, **kwargs):
-        records = self.capture is not None and self.capture.step_records
-        if self.variant is None or self.table.step_reads or records or self.always_read:
-            if self.table.enabled and not self.table.step_reads:  # no row or budget of an earlier step applies
+        if self.variant is None:
+            return self.run_model(*args, **kwargs)
+        if self.table.step_budgets:
+            self.steps["budgeted"] += 1
+            return self.budgeted(*args, **kwargs)
+        if self.table.step_reads or (self.capture is not None and self.capture.step_records) or self.always_read:
+            if self.table.enabled and not self.table.step_reads:  # no row of an earlier step applies
                 self.table.clear_index()
             self.steps["read"] += 1
             return self.run_model(*args, **kwargs)
         self.steps["unread"] += 1
         with plain_step(self.table, self.capture):
             return self.variant(*args, **kwargs)
+
+    def warm_up(self, dummy_run: Callable, *args, **kwargs):
+        """Run one of the worker's warm-up steps every way, so that each variant is compiled (traced with
+        the flags it is chosen by) before the engine serves; returns the last run's result."""
+        if self.budgeted is not None:
+            with self.table.budgeted():
+                dummy_run(*args, **kwargs)
+        self.always_read = True  # the model itself, with every seam (also where only capture is built)
+        try:
+            dummy_run(*args, **kwargs)
+        finally:
+            self.always_read = False
+        return dummy_run(*args, **kwargs)
 
     @classmethod
     def route_calls_of(cls, inner: nn.Module, table: SteeringTable, capture: RoutingCapture | None,

@@ -16,10 +16,13 @@ a row arrives as {table: [L][E] values} and a new table is one more key at both 
 The table also records which profile content each row holds (`digests`, see
 contract.digest), so a request admitted with a row that has since been rewritten is never
 steered with another profile's content, and whether the current step reads the tables at
-all (`step_reads`: some token of it has a row or a budget). A step that does not (and whose
-routing nobody captures) runs the model's plain variant, whose routers never read the tables
-(steering/idle_steps.py: the idle seam then costs nothing); `reading` is off while that variant
-runs (or is traced), and `view()` then gives the routers nothing to read. A step that reads
+all (`step_reads`: some token of it has a row or a budget), and whether it holds a budget
+(`step_budgets`). A step that does not read them (and whose routing nobody captures) runs the
+model's plain variant, whose routers never read the tables (steering/idle_steps.py: the idle
+seam then costs nothing); `reading` is off while that variant runs (or is traced), and `view()`
+then gives the routers nothing to read. The budget is in the view only in a step that holds
+one: a layer can drop slots only there, and only there looks for dropped ones (steps with
+budgets run a variant of their own, traced with them). A step that reads
 them has the first num_tokens entries of both per-token buffers written (`fill_index`) or the
 whole index cleared (`clear_index`): they persist between steps and warm-up runs.
 Nothing here is specific to one model family: any MoE model's routers can read a table.
@@ -72,6 +75,7 @@ class SteeringTable(nn.Module):
             self.register_buffer(table, torch.zeros(shape, dtype=dtype), persistent=False)
         self.digests: dict[int, str] = {}  # row -> digest of the profile it holds
         self.step_reads = False  # does this step's index hold a row or a budget? (set with the index)
+        self.step_budgets = False  # does it hold a budget? (set with the index)
         self.reading = True  # off while the plain variant of the model runs or is traced (idle_steps.py)
 
     @classmethod
@@ -84,7 +88,19 @@ class SteeringTable(nn.Module):
         """What the routers of this step read (None: steering is built off, or this is the plain variant)."""
         if not (self.enabled and self.reading):
             return None
-        return SteeringView(self.index[:num_tokens], self.bias, self.mask, self.budget[:num_tokens])
+        return SteeringView(self.index[:num_tokens], self.bias, self.mask,
+                            self.budget[:num_tokens] if self.step_budgets else None)
+
+    @contextlib.contextmanager
+    def budgeted(self):
+        """Routers read the budgets in this block, whatever the index holds (the worker's warm-up traces
+        the budgeted variant in a dummy step: its budgets are the full k, so nothing is dropped)."""
+        before = self.step_budgets
+        self.step_budgets = self.enabled
+        try:
+            yield
+        finally:
+            self.step_budgets = before
 
     @contextlib.contextmanager
     def unread(self):
@@ -131,6 +147,7 @@ class SteeringTable(nn.Module):
         then write each token's row and budget (None: none this step). A step with neither
         reads no table, so its index is left as it is."""
         self.step_reads = self.enabled and (rows is not None or budgets is not None)
+        self.step_budgets = self.enabled and budgets is not None
         if not self.step_reads:
             return
         self.index[:num_tokens].zero_()

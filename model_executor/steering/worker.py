@@ -15,8 +15,8 @@ step (steering/table.py):
 
 Dummy and warm-up runs bypass both hooks and see whatever the index held: every hooked
 step that reads the tables zeroes the slice it uses first, and the worker zeroes the index
-after warm-up. The warm-up runs each dummy step twice, as a steered and as an idle step, so
-that both compiled variants of our own model exist before it serves (vllm_model.py).
+after warm-up. The warm-up runs each dummy step every way a step can run (budgeted, steered,
+idle), so that every compiled variant of the model exists before it serves (idle_steps.py).
 
 A request is steered only when its reserved extra_args carry a row signed by the API
 process's enforcement point and that row still holds the signed digest
@@ -34,6 +34,7 @@ its routers, from steering/family_hooks.py when it loads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import logging
 from collections.abc import Hashable
@@ -163,38 +164,28 @@ class SteeringWorker(_PlatformWorker):
             raise RuntimeError(f"unipool steering cannot hook this vLLM model runner ({type(runner).__name__})")
 
     def determine_available_memory(self, *args, **kwargs):
-        with self._warm_up_both_variants():  # the CPU worker compiles (warms up) the model here
+        with self._warm_up_every_variant():  # the CPU worker compiles (warms up) the model here
             return super().determine_available_memory(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _warm_up_both_variants(self):
-        """Every dummy run of the warm-up runs twice: once as a steered step, once as an idle one, so
-        that a model with a plain variant (steering/idle_steps.py) has both compiled
-        (and, where vLLM captures CUDA graphs, captured) before it serves; otherwise the first steered
-        request would wait for a compilation."""
+    def _warm_up_every_variant(self):
+        """Every dummy run of the warm-up runs every way a step can (IdleSteps.warm_up), so that a model
+        with variants (steering/idle_steps.py) has each compiled (and, where vLLM captures CUDA graphs,
+        captured) before it serves; otherwise the first steered request would wait for a compilation."""
         runner = self.model_runner
         idle_steps = getattr(runner.get_model(), "idle_steps", None)
         if idle_steps is None or idle_steps.variant is None:
             yield
             return
         dummy_run = runner._dummy_run
-
-        def both_variants(*args, **kwargs):
-            idle_steps.always_read = True  # the model itself, with every seam (also where only capture is built)
-            try:
-                dummy_run(*args, **kwargs)
-            finally:
-                idle_steps.always_read = False
-            return dummy_run(*args, **kwargs)
-
-        runner._dummy_run = both_variants  # instance attribute over the class's method
+        runner._dummy_run = functools.partial(idle_steps.warm_up, dummy_run)  # instance attribute over the method
         try:
             yield
         finally:
             del runner._dummy_run
 
     def compile_or_warm_up_model(self, *args, **kwargs):
-        with self._warm_up_both_variants():
+        with self._warm_up_every_variant():
             result = super().compile_or_warm_up_model(*args, **kwargs)
         self._table().index.zero_()
         runner = self.model_runner

@@ -35,8 +35,8 @@ def stop(worker) -> dict:
 
 
 def steps_each_way(worker) -> dict[str, int]:
-    """How many steps ran the model (its seams: table reads, capture copies) and how many its plain variant
-    (warm-up included)."""
+    """How many steps ran the model (its seams: table reads, capture copies), its budgeted variant and its plain
+    variant (warm-up included)."""
     return dict(worker.model_runner.get_model().idle_steps.steps)
 
 

@@ -1,5 +1,6 @@
 """The compiled engine runs steps nobody steers or captures on its plain variant (steering/idle_steps.py):
-no graph break, no host read inside the model, and each step on the variant its rows ask for.
+no graph break, no host read inside the model, and each step on the variant its rows ask for (a budget:
+the budgeted variant, the only one that reads back per layer).
 Counted, never timed (what the seam costs in time: docs/benchmarks.md)."""
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def test_a_compiled_engine_runs_idle_steps_on_the_unsteered_variant(tiny_model_f
         steering.add(SteeringProfile.for_config(config, name="no-e0",
                                                 exclude={l: [0] for l in range(config.num_hidden_layers)}))
         _, idle, idle_steps = _profiled(llm, None)
-        _, _, steered_steps = _profiled(llm, steering.extra_args("no-e0"), steering.cache_salt("no-e0"))
-        # a budget alone reads the tables too
+        _, steered, steered_steps = _profiled(llm, steering.extra_args("no-e0"), steering.cache_salt("no-e0"))
+        # a budget alone reads the tables too, on the variant traced with budgets
         _, budgeted, budgeted_steps = _profiled(llm, steering.extra_args(None, budget=1),
                                                 steering.cache_salt(None, budget=1))
         # a request whose routing is captured runs the model (its layers copy the routing out) ...
@@ -61,15 +62,17 @@ def test_a_compiled_engine_runs_idle_steps_on_the_unsteered_variant(tiny_model_f
     finally:
         stop_engine(llm)
     assert breaks == 0
-    assert idle_steps == {"read": 0, "unread": TOKENS}  # every step of an unsteered request: the variant
-    assert steered_steps == {"read": TOKENS, "unread": 0} and budgeted_steps == {"read": TOKENS, "unread": 0}
-    assert captured_steps == {"read": TOKENS, "unread": 0}
+    assert idle_steps == {"read": 0, "budgeted": 0, "unread": TOKENS}  # every step of an unsteered request: the variant
+    assert steered_steps == {"read": TOKENS, "budgeted": 0, "unread": 0}
+    assert budgeted_steps == {"read": 0, "budgeted": TOKENS, "unread": 0}
+    assert captured_steps == {"read": TOKENS, "budgeted": 0, "unread": 0}
     experts = np.load(io.BytesIO(taken))
     assert experts.shape == (len(PROMPT) + TOKENS - 1, config.num_hidden_layers, config.num_experts_per_tok)
-    assert after_steered == {"read": TOKENS, "unread": 0}
+    assert after_steered == {"read": TOKENS, "budgeted": 0, "unread": 0}
     # no row of the steered request before it (which excludes expert 0) leaked into the captured request's steps
     np.testing.assert_array_equal(np.load(io.BytesIO(retaken)), experts)
     assert recaptured.outputs[0].token_ids == captured.outputs[0].token_ids
     assert idle["our_host_reads"] == []  # nothing of ours is read back per layer while nobody steers
+    assert steered["our_host_reads"] == []  # nor in a steered step that holds no budget
     # the one read of ours: is a slot dropped? (unipool::cpu_pool_moe), only where a budget can drop one
     assert budgeted["our_host_reads"] and all("cpu_pool_moe" in read for read in budgeted["our_host_reads"])

@@ -4,6 +4,7 @@ profiles for these models, and the metrics' cardinality cap."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -176,8 +177,8 @@ def test_gate_hook_and_router_tap_on_stand_ins():
     table = SteeringTable(T, 2, E, 2, top_k=K)
     table.set_row(1, {"bias": torch.stack([torch.zeros(E), bias[0]]),
                       "mask": torch.stack([torch.zeros(E), mask[0]]).to(torch.int8)}, "d1")
-    table.index[: T // 2] = 1  # first half steered, second half not
-    table.budget[: T // 2] = 0  # ... and with a routed budget of zero
+    rows = np.array([1] * (T // 2) + [0] * (T - T // 2), dtype=np.int32)  # first half steered, second half not
+    table.fill_index(T, rows, np.where(rows == 1, 0, K).astype(np.int32))  # ... and with a routed budget of zero
     gate = _Gate(logits)
     gate.register_forward_hook(GateHook(table, layer=1))
     steered, _ = gate(None)
@@ -211,8 +212,8 @@ def test_hooks_capture_raw_logits_and_the_routing_used_and_budgets_keep_the_heav
     table = SteeringTable(T, 2, E, 2, top_k=4)
     table.set_row(1, {"bias": torch.stack([torch.zeros(E), bias[0]]), "mask": torch.zeros(2, E, dtype=torch.int8)},
                   "d1")
-    table.index[:2] = 1  # two steered tokens
-    table.budget[:T] = 2  # every token keeps 2 of its 4 experts
+    # two steered tokens; every token keeps 2 of its 4 experts
+    table.fill_index(T, np.array([1, 1] + [0] * (T - 2), dtype=np.int32), np.full(T, 2, dtype=np.int32))
     capture = RoutingCapture(T, 1, E, 4, layers=(1,))  # layer 1's row is row 0
     gate, router, counts = _Gate(logits), _UnsortedRouter(), RoutingCounts(2, E)
     gate.register_forward_hook(GateHook(table, layer=1, capture=capture, row=0))
@@ -247,7 +248,7 @@ class _ScaledRouter(_UnsortedRouter):
 def test_a_budget_keeps_the_routed_scaling_factor():
     logits, _, _ = _rows(seed=5)
     table = SteeringTable(T, 2, E, 2, top_k=4)
-    table.budget[:T] = 1
+    table.fill_index(T, None, np.full(T, 1, dtype=np.int32))
     router = _ScaledRouter()
     RouterTap(router, table, RoutingCounts(2, E), layer=0, grouped=False)
     weights, _ = router.select_experts(None, logits)

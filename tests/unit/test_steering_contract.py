@@ -106,10 +106,15 @@ def test_a_step_reads_the_tables_only_when_a_token_has_a_row_or_a_budget():
     table = SteeringTable(max_tokens=8, num_layers=2, num_experts=4, max_profiles=2, top_k=2)
     table.fill_index(5, np.array([0, 2], dtype=np.int32))
     assert table.step_reads and table.view(5) is not None
+    assert not table.step_budgets and table.view(5).budget is None  # no budget: its layers look for no dropped slot
     table.fill_index(5, None, None)  # nobody steered, no budget: the plain variant runs
     assert not table.step_reads
     table.fill_index(3, None, np.array([1, 2, 2], dtype=np.int32))  # a budget alone reads them too
-    assert table.step_reads
+    assert table.step_reads and table.step_budgets and table.view(3).budget.tolist() == [1, 2, 2]
+    table.fill_index(3, np.array([1, 0, 0], dtype=np.int32))
+    with table.budgeted():  # the warm-up traces the budgeted variant in a step without budgets
+        assert table.view(3).budget.tolist() == [2, 2, 2]
+    assert table.view(3).budget is None
     with table.unread():  # the plain variant runs (or is traced): routers read nothing
         assert table.view(3) is None
     assert table.view(3) is not None
