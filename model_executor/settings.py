@@ -96,6 +96,18 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
 ]}
 
 
+# The settings that change what a model's compiled graphs hold (seams built in or off, their sizes, the MoE
+# kernels): vLLM keys the graphs it saves by its own config, so they go into it (steering/idle_steps.py).
+GRAPH_SETTINGS = ("UNIPOOL_MOE_BACKEND", "UNIPOOL_STEERING", "UNIPOOL_MAX_STEERING_PROFILES", "UNIPOOL_MAX_PROBES",
+                  "UNIPOOL_ROUTING_STATS", "UNIPOOL_ROUTING_CAPTURE", "UNIPOOL_MOE_CONFIG_DIR")
+GRAPH_SETTINGS_KEY = "unipool_graph_settings"  # their key in vLLM's additional_config
+
+
+def graph_settings() -> dict[str, str]:
+    """GRAPH_SETTINGS' parsed values, as text."""
+    return {name: repr(setting(name)) for name in GRAPH_SETTINGS}
+
+
 def _to_env(value: Any) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"

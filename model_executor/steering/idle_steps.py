@@ -20,8 +20,10 @@ dynamo's guards, so they are read then and never again): the plain variant runs 
 `plain_step` (the table's `reading` and the capture's `recording` off), the budgeted variant
 only in steps that hold a budget, the model itself in the others; in eager mode the flags do
 the same at run time. The worker's warm-up runs each dummy step every way (`warm_up`), so
-every variant is compiled (and, where vLLM captures CUDA graphs, captured) before the engine
-serves (steering/worker.py). Our own model dispatches through it (vllm_model.py); for vLLM's
+every variant is compiled (and, where vLLM captures piecewise CUDA graphs, captured) before the
+engine serves (steering/worker.py; a full CUDA graph would replay the choice made at its capture,
+so the worker turns full graphs into piecewise ones). Each variant's graphs are saved under their
+own key (`key_saved_graphs`, and a class per variant). Our own model dispatches through it (vllm_model.py); for vLLM's
 families the hooks read the same flags and their model's inner module dispatches through it
 (steering/family_hooks.py). `always_read`, a benchmark switch (benchmarks/bench_idle_seam.py):
 every step without a budget on the model, as before the plain variant existed.
@@ -30,19 +32,19 @@ every step without a budget on the model, as before the plain variant existed.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 
-import torch
 from torch import nn
 from vllm.compilation.backends import set_model_tag
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import set_current_vllm_config
-from vllm.sequence import IntermediateTensors
 
 from ..routing_capture import RoutingCapture
+from ..settings import GRAPH_SETTINGS_KEY, graph_settings
 from .table import SteeringTable
 
-VARIANT_TAGS = {"plain": "unipool_plain", "budgeted": "unipool_budgeted"}  # their names in vLLM's compile logs and caches
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -52,24 +54,46 @@ def plain_step(table: SteeringTable, capture: RoutingCapture | None):
         yield
 
 
-# the token dimension of each input (positions: the last one, as in vLLM's M-RoPE models)
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0,
-                                         "inputs_embeds": 0})
-class CompiledAgain(nn.Module):
+class _CompiledAgain(nn.Module):
     """A model's inner module (the layers), compiled again; it owns nothing (`inner` is a plain reference)."""
 
     def __init__(self, *, vllm_config, prefix: str = "", inner: nn.Module | None = None):
         super().__init__()
         self.__dict__["inner"] = inner
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor | IntermediateTensors:
+
+# Each variant is a class with a forward of its own: vLLM keys the compiled graphs it saves by its config
+# and the compiled forward's name and first line, so two variants of one class would share a saved graph.
+# The token dimension of each input (positions: the last one, as in vLLM's M-RoPE models).
+_TOKEN_DIMS = {"input_ids": 0, "positions": -1, "intermediate_tensors": 0, "inputs_embeds": 0}
+
+
+@support_torch_compile(dynamic_arg_dims=_TOKEN_DIMS)
+class PlainVariant(_CompiledAgain):
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         return self.inner.forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+
+@support_torch_compile(dynamic_arg_dims=_TOKEN_DIMS)
+class BudgetedVariant(_CompiledAgain):
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return self.inner.forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+
+VARIANTS = {"plain": (PlainVariant, "unipool_plain"), "budgeted": (BudgetedVariant, "unipool_budgeted")}
+
+
+def key_saved_graphs(vllm_config) -> None:
+    """Put the settings that shape the compiled graphs (model_executor/settings.py, GRAPH_SETTINGS) into
+    vLLM's `additional_config`, which is part of the key of every graph vLLM saves: without them an engine
+    started with UNIPOOL_STEERING=0 saved a model graph without table reads, and a later engine with
+    steering on, the same model and vLLM config would load it and steer nothing."""
+    extra = vllm_config.additional_config
+    if isinstance(extra, dict):
+        extra[GRAPH_SETTINGS_KEY] = graph_settings()
+    else:
+        logger.warning("vLLM's additional_config is not a dict (%s): compiled graphs saved by an engine with other "
+                       "UNIPOOL_ settings may be loaded; set VLLM_DISABLE_COMPILE_CACHE=1", type(extra).__name__)
 
 
 class IdleSteps:
@@ -85,9 +109,12 @@ class IdleSteps:
         self.run_model = run_model or inner.__call__
         self.steps = {"read": 0, "budgeted": 0, "unread": 0}  # steps run each way (warm-up included): tests
 
-        def compiled_again(name: str) -> CompiledAgain:
-            with set_current_vllm_config(vllm_config), set_model_tag(VARIANT_TAGS[name]):
-                return CompiledAgain(vllm_config=vllm_config, inner=inner)
+        key_saved_graphs(vllm_config)
+
+        def compiled_again(name: str) -> _CompiledAgain:
+            cls, tag = VARIANTS[name]
+            with set_current_vllm_config(vllm_config), set_model_tag(tag):
+                return cls(vllm_config=vllm_config, inner=inner)
 
         # with both seams built off: one graph; budgets only where the tables are built
         seams = table.enabled or (capture is not None and capture.enabled)
@@ -101,8 +128,6 @@ class IdleSteps:
             self.steps["budgeted"] += 1
             return self.budgeted(*args, **kwargs)
         if self.table.step_reads or (self.capture is not None and self.capture.step_records) or self.always_read:
-            if self.table.enabled and not self.table.step_reads:  # no row of an earlier step applies
-                self.table.clear_index()
             self.steps["read"] += 1
             return self.run_model(*args, **kwargs)
         self.steps["unread"] += 1

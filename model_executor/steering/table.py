@@ -23,8 +23,10 @@ seam then costs nothing); `reading` is off while that variant runs (or is traced
 then gives the routers nothing to read. The budget is in the view only in a step that holds
 one: a layer can drop slots only there, and only there looks for dropped ones (steps with
 budgets run a variant of their own, traced with them). A step that reads
-them has the first num_tokens entries of both per-token buffers written (`fill_index`) or the
-whole index cleared (`clear_index`): they persist between steps and warm-up runs.
+them has the first num_tokens entries of both per-token buffers written (`fill_index`); the
+first step after it that reads none clears them whole: whatever graph a step runs, it never
+finds an earlier step's rows or budgets (they persist between steps otherwise; warm-up runs
+bypass the hooks, and the worker clears them after its warm-up).
 Nothing here is specific to one model family: any MoE model's routers can read a table.
 """
 
@@ -74,6 +76,7 @@ class SteeringTable(nn.Module):
         for table, dtype in ROW_DTYPES.items():
             self.register_buffer(table, torch.zeros(shape, dtype=dtype), persistent=False)
         self.digests: dict[int, str] = {}  # row -> digest of the profile it holds
+        self._written = False  # does the index hold a row or budget of an earlier step?
         self.step_reads = False  # does this step's index hold a row or a budget? (set with the index)
         self.step_budgets = False  # does it hold a budget? (set with the index)
         self.reading = True  # off while the plain variant of the model runs or is traced (idle_steps.py)
@@ -137,19 +140,22 @@ class SteeringTable(nn.Module):
 
     # ---- the step's index ---------------------------------------------------
     def clear_index(self) -> None:
-        """No row and the full k for every token: for a step that runs the model without rows of its own (it
-        records routing, or a benchmark forces it), where an earlier step's rows may still sit in the index."""
+        """No row and the full k for every token."""
         self.index.zero_()
         self.budget.fill_(self.top_k)
+        self._written = False
 
     def fill_index(self, num_tokens: int, rows: np.ndarray | None, budgets: np.ndarray | None = None) -> None:
         """Reset the step's first num_tokens entries (no row, full k: padding and stale values),
         then write each token's row and budget (None: none this step). A step with neither
-        reads no table, so its index is left as it is."""
+        reads no table: the index is cleared if an earlier step wrote it, else left as it is."""
         self.step_reads = self.enabled and (rows is not None or budgets is not None)
         self.step_budgets = self.enabled and budgets is not None
         if not self.step_reads:
+            if self._written:
+                self.clear_index()
             return
+        self._written = True
         self.index[:num_tokens].zero_()
         self.budget[:num_tokens].fill_(self.top_k)
         for buffer, per_token in ((self.index, rows), (self.budget, budgets)):

@@ -138,8 +138,36 @@ class V2StepHook:
         state.add_request, state.remove_request, state.prepare_inputs = add_request, remove_request, prepare_inputs
 
 
+def keep_variants_choosable(compilation_config) -> str | None:
+    """Make vLLM's CUDA graphs leave the per-step choice of a compiled variant (idle_steps.py) alive: a full
+    (or breakable) CUDA graph replays one whole forward, Python included, so every step would run the
+    variant its capture ran; piecewise graphs are captured inside each variant's compiled graph, below the
+    choice. Returns the change made ("FULL_AND_PIECEWISE -> PIECEWISE"), or None."""
+    from vllm.compilation.breakable_cudagraph import is_breakable_cudagraph_enabled
+    from vllm.config.compilation import CUDAGraphMode
+
+    mode = compilation_config.cudagraph_mode
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return None
+    if is_breakable_cudagraph_enabled():
+        allowed = CUDAGraphMode.NONE
+    elif mode.has_full_cudagraphs():
+        allowed = CUDAGraphMode.PIECEWISE if mode.has_piecewise_cudagraphs() else CUDAGraphMode.NONE
+    else:
+        return None
+    compilation_config.cudagraph_mode = allowed
+    return f"{mode.name} -> {allowed.name}"
+
+
 class SteeringWorker(_PlatformWorker):
     """The platform worker plus per-request steering and routing statistics."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # the model runner, which reads the CUDA graph mode, comes later
+        if setting("UNIPOOL_STEERING") or setting("UNIPOOL_ROUTING_CAPTURE"):  # the model will have variants
+            if change := keep_variants_choosable(self.vllm_config.compilation_config):
+                logger.warning("CUDA graph mode %s: a full CUDA graph would freeze which compiled variant a step "
+                               "runs (UNIPOOL_STEERING=0 and UNIPOOL_ROUTING_CAPTURE=0 keep vLLM's mode)", change)
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
@@ -170,7 +198,7 @@ class SteeringWorker(_PlatformWorker):
     @contextlib.contextmanager
     def _warm_up_every_variant(self):
         """Every dummy run of the warm-up runs every way a step can (IdleSteps.warm_up), so that a model
-        with variants (steering/idle_steps.py) has each compiled (and, where vLLM captures CUDA graphs,
+        with variants (steering/idle_steps.py) has each compiled (and, where vLLM captures piecewise CUDA graphs,
         captured) before it serves; otherwise the first steered request would wait for a compilation."""
         runner = self.model_runner
         idle_steps = getattr(runner.get_model(), "idle_steps", None)
@@ -187,7 +215,7 @@ class SteeringWorker(_PlatformWorker):
     def compile_or_warm_up_model(self, *args, **kwargs):
         with self._warm_up_every_variant():
             result = super().compile_or_warm_up_model(*args, **kwargs)
-        self._table().index.zero_()
+        self._table().clear_index()  # the warm-up ran outside the hooks
         runner = self.model_runner
         # vLLM's CPU worker skips the dummy run when eager with an explicit KV-cache size, and
         # the dummy run is what allocates a later pipeline stage's receive buffers: without

@@ -105,3 +105,21 @@ def test_an_idle_step_of_a_family_layer_runs_plain_vllms_ops_and_the_counts(grou
     idle = _ops(layer(hooked=True, plain=True), x)
     assert idle == _ops(counts_only, x)
     assert len(_ops(layer(hooked=True, plain=False), x)) > len(idle)
+
+
+def test_each_variant_and_each_graph_setting_gets_its_own_saved_graphs(monkeypatch):
+    """vLLM keys the compiled graphs it saves by its config and the compiled forward's name and line: two
+    variants of one class, or an engine started with other UNIPOOL_ settings, would load each other's."""
+    from vllm.compilation.decorators import _model_hash_key
+    from vllm.config import VllmConfig
+
+    from unipool_serve.model_executor.steering.idle_steps import VARIANTS, key_saved_graphs
+
+    assert len({_model_hash_key(cls.forward) for cls, _ in VARIANTS.values()}) == len(VARIANTS)
+    hashes = []
+    for steering in ("1", "0"):
+        monkeypatch.setenv("UNIPOOL_STEERING", steering)
+        config = VllmConfig()
+        key_saved_graphs(config)
+        hashes.append(config.compute_hash())
+    assert hashes[0] != hashes[1]

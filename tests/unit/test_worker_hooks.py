@@ -92,3 +92,20 @@ def test_v2_hook_keeps_rows_by_request_index():
     state.add_request(5, SimpleNamespace(sampling_params=_params(2)))
     state.prepare_inputs(batch, None)
     assert not rows.table.step_reads  # no token has a row: the step runs the model that never reads the tables
+
+
+def test_cuda_graphs_that_replay_a_whole_forward_give_way_to_piecewise_ones(monkeypatch):
+    """A full CUDA graph would freeze the per-step choice of a compiled variant (steering/idle_steps.py)."""
+    from vllm.config.compilation import CompilationConfig
+
+    from unipool_serve.model_executor.steering.worker import keep_variants_choosable
+
+    expected = {"FULL_AND_PIECEWISE": ("PIECEWISE", "FULL_AND_PIECEWISE -> PIECEWISE"),
+                "FULL": ("NONE", "FULL -> NONE"), "FULL_DECODE_ONLY": ("NONE", "FULL_DECODE_ONLY -> NONE"),
+                "PIECEWISE": ("PIECEWISE", None), "NONE": ("NONE", None)}
+    for mode, (after, change) in expected.items():
+        config = CompilationConfig(cudagraph_mode=mode)
+        assert keep_variants_choosable(config) == change and config.cudagraph_mode.name == after, mode
+    monkeypatch.setenv("VLLM_USE_BREAKABLE_CUDAGRAPH", "1")  # breakable graphs capture the whole forward too
+    config = CompilationConfig(cudagraph_mode="PIECEWISE")
+    assert keep_variants_choosable(config) == "PIECEWISE -> NONE" and config.cudagraph_mode.name == "NONE"
