@@ -3,6 +3,7 @@ checked in spawned processes that vLLM would name "EngineCore" and "VllmWorker-0
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -31,13 +32,23 @@ def _engine_core(conn) -> None:
     conn.send(list(stopped_by))
 
 
-@pytest.mark.timeout(300)
-def test_an_engine_core_ignores_group_signals_and_stops_when_the_api_process_releases_it():
+@contextlib.contextmanager
+def _spawned(target, name: str):
+    """(our end of a pipe, the child): `target(its end)` in a spawned process named `name`, killed after."""
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
-    child = context.Process(target=_engine_core, args=(theirs,), name="EngineCore")
+    child = context.Process(target=target, args=(theirs,), name=name)
     child.start()
     try:
+        yield ours, child
+    finally:
+        if child.is_alive():
+            child.kill()
+
+
+@pytest.mark.timeout(300)
+def test_an_engine_core_ignores_group_signals_and_stops_when_the_api_process_releases_it():
+    with _spawned(_engine_core, "EngineCore") as (ours, child):
         assert ours.recv() == "engine"
         for signum in (signal.SIGTERM, signal.SIGINT):  # what a terminal or systemd sends to the group
             os.kill(child.pid, signum)
@@ -48,9 +59,6 @@ def test_an_engine_core_ignores_group_signals_and_stops_when_the_api_process_rel
         assert ours.recv()[:1] == ["SIGTERM"]  # vLLM's handler ran: the engine core stops
         child.join(120)
         assert child.exitcode == 0
-    finally:
-        if child.is_alive():
-            child.kill()
 
 
 def _idle_worker(conn) -> None:
@@ -81,20 +89,13 @@ def _idle_worker(conn) -> None:
 def test_an_idle_worker_stops_when_released_whichever_thread_takes_the_signal():
     """The engine core's exit (a failed start) releases its workers, then SIGTERMs them. The idle
     worker's main thread sleeps in a poll that only a signal directed at it interrupts."""
-    context = multiprocessing.get_context("spawn")
-    ours, theirs = context.Pipe()
-    child = context.Process(target=_idle_worker, args=(theirs,), name="VllmWorker-0")
-    child.start()
-    try:
+    with _spawned(_idle_worker, "VllmWorker-0") as (ours, child):
         assert ours.recv() == "worker"
         os.kill(child.pid, signal.SIGUSR1)  # the engine core's release, then multiprocessing's terminate()
         os.kill(child.pid, signal.SIGTERM)
         child.join(120)  # a bound for the hang: it stops at once
         assert child.exitcode == 0, child.exitcode
         assert not ours.poll()
-    finally:
-        if child.is_alive():
-            child.kill()
 
 
 def test_only_vllm_children_are_guarded():
