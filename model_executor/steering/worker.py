@@ -138,18 +138,21 @@ class V2StepHook:
         state.add_request, state.remove_request, state.prepare_inputs = add_request, remove_request, prepare_inputs
 
 
-def keep_variants_choosable(compilation_config) -> str | None:
+def keep_variants_choosable(vllm_config) -> str | None:
     """Make vLLM's CUDA graphs leave the per-step choice of a compiled variant (idle_steps.py) alive: a full
     (or breakable) CUDA graph replays one whole forward, Python included, so every step would run the
     variant its capture ran; piecewise graphs are captured inside each variant's compiled graph, below the
-    choice. Returns the change made ("FULL_AND_PIECEWISE -> PIECEWISE"), or None."""
+    choice. vLLM's V2 model runner captures by calling the model itself, outside the warm-up that runs every
+    variant, so it gets none (FULL would fail at the first step of a variant it never captured). Returns the
+    change made ("FULL_AND_PIECEWISE -> PIECEWISE"), or None."""
     from vllm.compilation.breakable_cudagraph import is_breakable_cudagraph_enabled
     from vllm.config.compilation import CUDAGraphMode
 
+    compilation_config = vllm_config.compilation_config
     mode = compilation_config.cudagraph_mode
     if mode is None or mode == CUDAGraphMode.NONE:
         return None
-    if is_breakable_cudagraph_enabled():
+    if is_breakable_cudagraph_enabled() or getattr(vllm_config, "use_v2_model_runner", False):
         allowed = CUDAGraphMode.NONE
     elif mode.has_full_cudagraphs():
         allowed = CUDAGraphMode.PIECEWISE if mode.has_piecewise_cudagraphs() else CUDAGraphMode.NONE
@@ -165,7 +168,7 @@ class SteeringWorker(_PlatformWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # the model runner, which reads the CUDA graph mode, comes later
         if setting("UNIPOOL_STEERING") or setting("UNIPOOL_ROUTING_CAPTURE"):  # the model will have variants
-            if change := keep_variants_choosable(self.vllm_config.compilation_config):
+            if change := keep_variants_choosable(self.vllm_config):
                 logger.warning("CUDA graph mode %s: a full CUDA graph would freeze which compiled variant a step "
                                "runs (UNIPOOL_STEERING=0 and UNIPOOL_ROUTING_CAPTURE=0 keep vLLM's mode)", change)
 

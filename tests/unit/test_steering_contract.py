@@ -115,6 +115,12 @@ def test_a_step_reads_the_tables_only_when_a_token_has_a_row_or_a_budget():
     with table.budgeted():  # the warm-up traces the budgeted variant in a step without budgets
         assert table.view(3).budget.tolist() == [2, 2, 2]
     assert table.view(3).budget is None
+    with table.unread():  # the plain variant runs (or is traced): routers read nothing
+        assert table.view(3) is None
+    assert table.view(3) is not None
+    off = SteeringTable(8, 2, 4, 2, top_k=2, enabled=False)  # UNIPOOL_STEERING=0: never
+    off.fill_index(5, np.array([1, 1], dtype=np.int32))
+    assert not off.step_reads
 
 
 def test_a_step_without_rows_after_a_steered_one_finds_none_of_its_rows_in_the_index():
@@ -124,9 +130,3 @@ def test_a_step_without_rows_after_a_steered_one_finds_none_of_its_rows_in_the_i
     table.fill_index(4, np.array([1, 2, 0, 1], dtype=np.int32), np.array([1, 0, 2, 1], dtype=np.int32))
     table.fill_index(4, None, None)
     assert not table.index.any() and (table.budget == 2).all()
-    with table.unread():  # the plain variant runs (or is traced): routers read nothing
-        assert table.view(3) is None
-    assert table.view(3) is not None
-    off = SteeringTable(8, 2, 4, 2, top_k=2, enabled=False)  # UNIPOOL_STEERING=0: never
-    off.fill_index(5, np.array([1, 1], dtype=np.int32))
-    assert not off.step_reads

@@ -103,9 +103,15 @@ def test_cuda_graphs_that_replay_a_whole_forward_give_way_to_piecewise_ones(monk
     expected = {"FULL_AND_PIECEWISE": ("PIECEWISE", "FULL_AND_PIECEWISE -> PIECEWISE"),
                 "FULL": ("NONE", "FULL -> NONE"), "FULL_DECODE_ONLY": ("NONE", "FULL_DECODE_ONLY -> NONE"),
                 "PIECEWISE": ("PIECEWISE", None), "NONE": ("NONE", None)}
+    def config(mode: str, v2: bool = False):
+        return SimpleNamespace(compilation_config=CompilationConfig(cudagraph_mode=mode), use_v2_model_runner=v2)
+
     for mode, (after, change) in expected.items():
-        config = CompilationConfig(cudagraph_mode=mode)
-        assert keep_variants_choosable(config) == change and config.cudagraph_mode.name == after, mode
+        vllm_config = config(mode)
+        assert keep_variants_choosable(vllm_config) == change, mode
+        assert vllm_config.compilation_config.cudagraph_mode.name == after, mode
+    v2 = config("PIECEWISE", v2=True)  # V2 captures outside the warm-up that runs every variant
+    assert keep_variants_choosable(v2) == "PIECEWISE -> NONE" and v2.compilation_config.cudagraph_mode.name == "NONE"
     monkeypatch.setenv("VLLM_USE_BREAKABLE_CUDAGRAPH", "1")  # breakable graphs capture the whole forward too
-    config = CompilationConfig(cudagraph_mode="PIECEWISE")
-    assert keep_variants_choosable(config) == "PIECEWISE -> NONE" and config.cudagraph_mode.name == "NONE"
+    breakable = config("PIECEWISE")
+    assert keep_variants_choosable(breakable) == "PIECEWISE -> NONE"
