@@ -23,10 +23,11 @@ the same at run time. The worker's warm-up runs each dummy step every way (`warm
 every variant is compiled (and, where vLLM captures piecewise CUDA graphs, captured) before the
 engine serves (steering/worker.py; a full CUDA graph would replay the choice made at its capture,
 so the worker turns full graphs into piecewise ones). Each variant's graphs are saved under their
-own key (`key_saved_graphs`, and a class per variant). Our own model dispatches through it (vllm_model.py); for vLLM's
-families the hooks read the same flags and their model's inner module dispatches through it
-(steering/family_hooks.py). `always_read`, a benchmark switch (benchmarks/bench_idle_seam.py):
-every step without a budget on the model, as before the plain variant existed.
+own key (`key_saved_graphs`, and a class per variant). Our own model dispatches through it
+(vllm_model.py); for vLLM's families the hooks read the same flags and their model's inner
+module dispatches through it (steering/family_hooks.py). `always_read`, a benchmark switch
+(benchmarks/bench_idle_seam.py): every step without a budget on the model, as before the plain
+variant existed.
 """
 
 from __future__ import annotations
