@@ -22,11 +22,11 @@ model's plain variant, whose routers never read the tables (steering/idle_steps.
 seam then costs nothing); `reading` is off while that variant runs (or is traced), and `view()`
 then gives the routers nothing to read. The budget is in the view only in a step that holds
 one: a layer can drop slots only there, and only there looks for dropped ones (steps with
-budgets run a variant of their own, traced with them). A step that reads
-them has the first num_tokens entries of both per-token buffers written (`fill_index`); the
-first step after it that reads none clears them whole: whatever graph a step runs, it never
-finds an earlier step's rows or budgets (they persist between steps otherwise; warm-up runs
-bypass the hooks, and the worker clears them after its warm-up).
+budgets run a variant of their own, traced with them). A step that reads the tables has the
+first num_tokens entries of both per-token buffers written (`fill_index`); the first step
+after it that reads none clears them whole: whatever graph a step runs, it never finds an
+earlier step's rows or budgets (they persist between steps otherwise; warm-up runs bypass the
+hooks, and the worker clears them after its warm-up).
 Nothing here is specific to one model family: any MoE model's routers can read a table.
 """
 
